@@ -1,0 +1,290 @@
+"""`rbee-hive`: the node agent's command line, and the `--json` protocol the dashboard speaks (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rbee_tui import __version__
+from rbee_tui import config as cfgmod
+from rbee_tui.catalog import CatalogStore, ensure_not_tiny, human_size, new_entry, render_table
+from rbee_tui.errors import Cancelled, RbeeError
+from rbee_tui.names import check_backends, check_id
+
+PROG = "rbee-hive"
+
+
+@dataclass
+class Context:
+    """What every command needs: the pool's identity, its models dir, its catalog store, output mode."""
+
+    pool_id: str
+    models_dir: Path
+    store: CatalogStore
+    hub: str
+    json: bool
+    config: cfgmod.Config
+
+
+def _emit(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _context(args: argparse.Namespace) -> Context:
+    cfg = cfgmod.load(args.config)
+    pool = None
+    if args.pool:
+        pool = cfg.pool(args.pool)
+    else:
+        pool = next((p for p in cfg.pools if p.transport == "local"), None)
+    models_dir = args.models_dir or os.environ.get("RBEE_MODELS_DIR") or (
+        pool.models_dir if pool else cfgmod.default_models_dir()
+    )
+    pool_id = check_id(args.pool_id or (pool.name if pool else "local"), "pool id")
+    path = Path(models_dir).expanduser()
+    store = CatalogStore(path, pool_id, cfg.registry.models)
+    from rbee_tui.hive.downloads import endpoint
+
+    return Context(pool_id, path, store, endpoint(cfg.registry.endpoint), args.json, cfg)
+
+
+def cmd_catalog(ctx: Context, args: argparse.Namespace) -> int:
+    catalog = ctx.store.load()
+    if ctx.json:
+        _emit(catalog.to_json())
+    else:
+        print(render_table(catalog))
+    return 0
+
+
+def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
+    catalog = ctx.store.load()
+    models = [m for m in catalog.models if m.downloaded or args.all]
+    if ctx.json:
+        _emit({"pool_id": catalog.pool_id, "models": [
+            {"id": m.id, "name": m.name, "downloaded": m.downloaded, "path": m.path, "size_bytes": m.size_bytes,
+             "backends": list(m.backends)} for m in models]})
+    else:
+        if not models:
+            print(f"No downloaded models in pool {catalog.pool_id} (see `{PROG} models catalog`).")
+        for m in models:
+            print(f"{m.id:<16}{human_size(m.size_bytes):<10}{m.path}")
+    return 0
+
+
+def cmd_register(ctx: Context, args: argparse.Namespace) -> int:
+    ensure_not_tiny(args.id)
+    entry = new_entry(
+        ctx.models_dir, args.id, repo=args.repo, file=args.file, name=args.name, architecture=args.architecture,
+        backends=args.backends.split(",") if args.backends else None, context_length=args.context_length,
+        sha256=args.sha256,
+    )
+    with ctx.store.edit() as catalog:
+        if catalog.find(args.id) is not None and not args.replace:
+            raise RbeeError(f"model {args.id!r} is already registered", "use --replace to overwrite it")
+        catalog.put(entry)
+    if ctx.json:
+        _emit({"registered": entry.to_json()})
+    else:
+        print(f"Registered {entry.id} ({entry.name}) from {args.repo}/{args.file}")
+    return 0
+
+
+def cmd_unregister(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive.downloads import unregister
+
+    result = unregister(ctx.store, check_id(args.id), args.delete_files)
+    if ctx.json:
+        _emit(result)
+    else:
+        print(f"Unregistered {args.id}" + (" and deleted its files" if result["files_deleted"] else ""))
+    return 0
+
+
+def _progress_printer(ctx: Context) -> Callable[[Any], None]:
+    if ctx.json:
+        return lambda p: _emit(p.to_json())
+    tty = sys.stderr.isatty()
+
+    def show(p: Any) -> None:
+        pct = 100.0 * p.bytes_done / p.bytes_total if p.bytes_total else 0.0
+        eta = f"ETA {p.eta_s:.0f}s" if p.eta_s is not None else ""
+        line = (f"{p.model}: {pct:5.1f}%  {human_size(p.bytes_done)} / {human_size(p.bytes_total)}  "
+                f"{human_size(int(p.speed_bps))}/s  {eta}")
+        sys.stderr.write(("\r" + line.ljust(79)) if tty else line + "\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_download(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive.downloads import download
+
+    model_id = check_id(args.id)
+    cancel = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = download(ctx.store, model_id, ctx.hub, _progress_printer(ctx), cancel)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which reports it
+            outcome["error"] = exc
+
+    def on_signal(signum: int, frame: Any) -> None:
+        cancel.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    worker = threading.Thread(target=run, name=f"download:{model_id}", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if not ctx.json and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    if ctx.json:
+        _emit(result)
+    elif result.get("already_downloaded"):
+        print(f"✅ Model {model_id} already downloaded ({result['path']})")
+    else:
+        print(f"✅ Model {model_id} downloaded: {human_size(result['size_bytes'])} at {result['path']}")
+    return 0
+
+
+def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive.downloads import verify
+
+    result = verify(ctx.store, check_id(args.id))
+    if ctx.json:
+        _emit(result)
+    elif result["ok"]:
+        print(f"✅ {args.id}: {result['path']} is complete and checked")
+    else:
+        print(f"❌ {args.id}: " + "; ".join(result["problems"]))
+    return 0 if result["ok"] else 1
+
+
+def cmd_repair(ctx: Context, args: argparse.Namespace) -> int:
+    kept = ctx.store.repair()
+    result = {"catalog": str(ctx.store.path), "kept_aside": str(kept) if kept else None}
+    if ctx.json:
+        _emit(result)
+    elif kept:
+        print(f"The corrupt catalog was kept as {kept}; a fresh catalog was written to {ctx.store.path}")
+    else:
+        print(f"{ctx.store.path} is fine: nothing to repair")
+    return 0
+
+
+def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive.status import node_status, render_status
+
+    st = node_status(ctx.pool_id, str(ctx.models_dir))
+    if ctx.json:
+        _emit(st)
+    else:
+        print(render_status(st))
+    return 0
+
+
+def cmd_version(ctx: Context | None, args: argparse.Namespace) -> int:
+    if args.json:
+        _emit({"agent_version": __version__, "protocol": 1})
+    else:
+        print(f"{PROG} {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `rbee-hive` command tree."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output (docs/protocol.md)")
+    common.add_argument("--config", help="config file (default: $RBEE_CONFIG or $XDG_CONFIG_HOME/rbee/config.toml)")
+    common.add_argument("--pool", help="which [[pools]] entry of the config describes this node")
+    common.add_argument("--models-dir", help="the pool's models dir (overrides the config and $RBEE_MODELS_DIR)")
+    common.add_argument("--pool-id", help="the pool's name as the dashboard knows it")
+
+    ap = argparse.ArgumentParser(prog=PROG, description="rbee node agent: models, workers and metrics of one pool.",
+                                 parents=[common])
+    ap.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = ap.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    models = sub.add_parser("models", help="the model catalog and downloads", parents=[common])
+    msub = models.add_subparsers(dest="cmd", required=True, metavar="ACTION")
+    msub.add_parser("catalog", help="show the catalog", parents=[common]).set_defaults(fn=cmd_catalog)
+    p = msub.add_parser("list", help="list downloaded models", parents=[common])
+    p.add_argument("--all", action="store_true", help="include models not downloaded yet")
+    p.set_defaults(fn=cmd_list)
+    p = msub.add_parser("register", help="add a model to the catalog", parents=[common])
+    p.add_argument("id")
+    p.add_argument("--repo", required=True, help="Hugging Face repo, OWNER/NAME")
+    p.add_argument("--file", required=True, help="the .gguf file in the repo (first part of a split model)")
+    p.add_argument("--name")
+    p.add_argument("--architecture")
+    p.add_argument("--backends", help="comma-separated: cpu,cuda,metal")
+    p.add_argument("--context-length", type=int)
+    p.add_argument("--sha256")
+    p.add_argument("--replace", action="store_true", help="overwrite an entry with the same id")
+    p.set_defaults(fn=cmd_register)
+    p = msub.add_parser("unregister", help="remove a model from the catalog", parents=[common])
+    p.add_argument("id")
+    p.add_argument("--delete-files", action="store_true", help="also delete its files")
+    p.set_defaults(fn=cmd_unregister)
+    p = msub.add_parser("download", help="download a model from the hub (resumes)", parents=[common])
+    p.add_argument("id")
+    p.set_defaults(fn=cmd_download)
+    p = msub.add_parser("verify", help="re-check a model's files", parents=[common])
+    p.add_argument("id")
+    p.set_defaults(fn=cmd_verify)
+    msub.add_parser("repair", help="keep a corrupt catalog aside and start afresh",
+                    parents=[common]).set_defaults(fn=cmd_repair)
+
+    sub.add_parser("status", help="this node: host, RAM, GPUs, backends", parents=[common]).set_defaults(fn=cmd_status)
+    sub.add_parser("version", help="agent and protocol version", parents=[common]).set_defaults(
+        fn=cmd_version, no_context=True)
+    return ap
+
+
+def _validate_backends(value: str) -> None:
+    check_backends(value.split(","))
+
+
+def _quiet_libraries() -> None:
+    # huggingface_hub logs its own retries as warnings; our one-line errors say what matters.
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `rbee-hive`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        if getattr(args, "backends", None):
+            _validate_backends(args.backends)
+        ctx = None if getattr(args, "no_context", False) else _context(args)
+        return args.fn(ctx, args)
+    except RbeeError as exc:
+        if args.json:
+            _emit({"event": "cancelled" if isinstance(exc, Cancelled) else "error", **exc.to_json()})
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
