@@ -107,7 +107,11 @@ class Catalog:
 
     def to_json(self) -> dict[str, Any]:
         """The catalog as stored in catalog.json."""
-        return {"version": self.version, "pool_id": self.pool_id, "models": [m.to_json() for m in self.models]}
+        return {
+            "version": self.version,
+            "pool_id": self.pool_id,
+            "models": [m.to_json() for m in self.models],
+        }
 
     @classmethod
     def from_json(cls, raw: Any) -> Catalog:

@@ -186,7 +186,7 @@ def parse(doc: dict[str, Any], where: str = "config") -> Config:
     unknown = sorted(set(doc) - {"pools", "registry", "theme"})
     if unknown:
         raise RbeeError(f"{where}: unknown key(s) {', '.join(unknown)}", "known keys: pools, registry, theme")
-    raw_pools = doc.get("pools", None)
+    raw_pools = doc.get("pools")
     if raw_pools is None:
         pools: tuple[PoolConfig, ...] = (local_pool(),)
     else:
@@ -209,9 +209,7 @@ def parse(doc: dict[str, Any], where: str = "config") -> Config:
     theme = doc.get("theme", "rbee-dark")
     if not isinstance(theme, str):
         raise RbeeError(f"{where}: theme must be a string")
-    return Config(
-        pools=pools, registry=RegistryConfig(endpoint=endpoint, models=tuple(models)), theme=theme
-    )
+    return Config(pools=pools, registry=RegistryConfig(endpoint=endpoint, models=tuple(models)), theme=theme)
 
 
 def load(explicit: str | os.PathLike[str] | None = None) -> Config:

@@ -9,7 +9,9 @@ from rbee_tui.errors import RbeeError
 # Ids end up in paths, file names and remote command lines: keep them to a safe alphabet.
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # RFC 1123 host names, IPv4 and bracket-less IPv6 literals.
-_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_HOST = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
 _IPV6 = re.compile(r"^[0-9A-Fa-f:]+(%[A-Za-z0-9]+)?$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _FILE = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+/-]*$")

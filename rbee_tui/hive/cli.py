@@ -41,13 +41,11 @@ def _emit(obj: Any) -> None:
 
 def _context(args: argparse.Namespace) -> Context:
     cfg = cfgmod.load(args.config)
-    pool = None
-    if args.pool:
-        pool = cfg.pool(args.pool)
-    else:
-        pool = next((p for p in cfg.pools if p.transport == "local"), None)
-    models_dir = args.models_dir or os.environ.get("RBEE_MODELS_DIR") or (
-        pool.models_dir if pool else cfgmod.default_models_dir()
+    pool = cfg.pool(args.pool) if args.pool else next((p for p in cfg.pools if p.transport == "local"), None)
+    models_dir = (
+        args.models_dir
+        or os.environ.get("RBEE_MODELS_DIR")
+        or (pool.models_dir if pool else cfgmod.default_models_dir())
     )
     pool_id = check_id(args.pool_id or (pool.name if pool else "local"), "pool id")
     path = Path(models_dir).expanduser()
@@ -70,9 +68,22 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
     catalog = ctx.store.load()
     models = [m for m in catalog.models if m.downloaded or args.all]
     if ctx.json:
-        _emit({"pool_id": catalog.pool_id, "models": [
-            {"id": m.id, "name": m.name, "downloaded": m.downloaded, "path": m.path, "size_bytes": m.size_bytes,
-             "backends": list(m.backends)} for m in models]})
+        _emit(
+            {
+                "pool_id": catalog.pool_id,
+                "models": [
+                    {
+                        "id": m.id,
+                        "name": m.name,
+                        "downloaded": m.downloaded,
+                        "path": m.path,
+                        "size_bytes": m.size_bytes,
+                        "backends": list(m.backends),
+                    }
+                    for m in models
+                ],
+            }
+        )
     else:
         if not models:
             print(f"No downloaded models in pool {catalog.pool_id} (see `{PROG} models catalog`).")
@@ -84,8 +95,14 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_register(ctx: Context, args: argparse.Namespace) -> int:
     ensure_not_tiny(args.id)
     entry = new_entry(
-        ctx.models_dir, args.id, repo=args.repo, file=args.file, name=args.name, architecture=args.architecture,
-        backends=args.backends.split(",") if args.backends else None, context_length=args.context_length,
+        ctx.models_dir,
+        args.id,
+        repo=args.repo,
+        file=args.file,
+        name=args.name,
+        architecture=args.architecture,
+        backends=args.backends.split(",") if args.backends else None,
+        context_length=args.context_length,
         sha256=args.sha256,
     )
     with ctx.store.edit() as catalog:
@@ -118,8 +135,10 @@ def _progress_printer(ctx: Context) -> Callable[[Any], None]:
     def show(p: Any) -> None:
         pct = 100.0 * p.bytes_done / p.bytes_total if p.bytes_total else 0.0
         eta = f"ETA {p.eta_s:.0f}s" if p.eta_s is not None else ""
-        line = (f"{p.model}: {pct:5.1f}%  {human_size(p.bytes_done)} / {human_size(p.bytes_total)}  "
-                f"{human_size(int(p.speed_bps))}/s  {eta}")
+        line = (
+            f"{p.model}: {pct:5.1f}%  {human_size(p.bytes_done)} / {human_size(p.bytes_total)}  "
+            f"{human_size(int(p.speed_bps))}/s  {eta}"
+        )
         sys.stderr.write(("\r" + line.ljust(79)) if tty else line + "\n")
         sys.stderr.flush()
 
@@ -136,7 +155,7 @@ def cmd_download(ctx: Context, args: argparse.Namespace) -> int:
     def run() -> None:
         try:
             outcome["result"] = download(ctx.store, model_id, ctx.hub, _progress_printer(ctx), cancel)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which reports it
+        except BaseException as exc:
             outcome["error"] = exc
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -215,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--models-dir", help="the pool's models dir (overrides the config and $RBEE_MODELS_DIR)")
     common.add_argument("--pool-id", help="the pool's name as the dashboard knows it")
 
-    ap = argparse.ArgumentParser(prog=PROG, description="rbee node agent: models, workers and metrics of one pool.",
-                                 parents=[common])
+    ap = argparse.ArgumentParser(
+        prog=PROG, description="rbee node agent: models, workers and metrics of one pool.", parents=[common]
+    )
     ap.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = ap.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
@@ -247,12 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("verify", help="re-check a model's files", parents=[common])
     p.add_argument("id")
     p.set_defaults(fn=cmd_verify)
-    msub.add_parser("repair", help="keep a corrupt catalog aside and start afresh",
-                    parents=[common]).set_defaults(fn=cmd_repair)
+    msub.add_parser("repair", help="keep a corrupt catalog aside and start afresh", parents=[common]).set_defaults(
+        fn=cmd_repair
+    )
 
     sub.add_parser("status", help="this node: host, RAM, GPUs, backends", parents=[common]).set_defaults(fn=cmd_status)
     sub.add_parser("version", help="agent and protocol version", parents=[common]).set_defaults(
-        fn=cmd_version, no_context=True)
+        fn=cmd_version, no_context=True
+    )
     return ap
 
 

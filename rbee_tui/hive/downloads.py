@@ -127,8 +127,17 @@ class _Meter:
         elapsed = max(now - self.started, 1e-6)
         speed = (self.done - self.resumed) / elapsed
         eta = (self.total - self.done) / speed if speed > 0 and self.total else None
-        self.emit(Progress(self.model, file, self.done, self.total, round(speed, 1),
-                           None if eta is None else round(eta, 2), self.resumed))
+        self.emit(
+            Progress(
+                self.model,
+                file,
+                self.done,
+                self.total,
+                round(speed, 1),
+                None if eta is None else round(eta, 2),
+                self.resumed,
+            )
+        )
 
 
 class _Partial:
@@ -160,8 +169,7 @@ class _Partial:
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        files.atomic_write_json(self.note, {"etag": self.remote.etag, "size": self.remote.size,
-                                            "url": self.remote.url})
+        files.atomic_write_json(self.note, {"etag": self.remote.etag, "size": self.remote.size, "url": self.remote.url})
 
     def discard(self) -> None:
         for p in (self.path, self.note):
@@ -243,8 +251,15 @@ def download(
     if model_id == TINY_TEST_ID:
         return _regenerate_tiny(store, entry)
     if entry.downloaded and _on_disk(entry):
-        return {"event": "done", "model": model_id, "already_downloaded": True, "path": entry.path,
-                "size_bytes": entry.size_bytes, "bytes_transferred": 0, "resumed_from": 0}
+        return {
+            "event": "done",
+            "model": model_id,
+            "already_downloaded": True,
+            "path": entry.path,
+            "size_bytes": entry.size_bytes,
+            "bytes_transferred": 0,
+            "resumed_from": 0,
+        }
     if not entry.repo:
         raise RbeeError(f"model {model_id} has no repository to download from", "register it with --repo")
     _offline_check()
@@ -266,8 +281,10 @@ def download(
                 if partial.remote.size is not None and partial.path.stat().st_size != partial.remote.size:
                     raise RbeeError(f"{partial.remote.name}: size differs from the hub's {partial.remote.size}")
                 if looks_like_sha256(partial.remote.etag) and digest != partial.remote.etag:
-                    raise RbeeError(f"{partial.remote.name}: sha256 {digest[:12]}… differs from the hub's "
-                                    f"{partial.remote.etag[:12]}…: corrupt transfer, discarded")
+                    raise RbeeError(
+                        f"{partial.remote.name}: sha256 {digest[:12]}… differs from the hub's "
+                        f"{partial.remote.etag[:12]}…: corrupt transfer, discarded"
+                    )
             except RbeeError:
                 partial.discard()
                 raise
@@ -292,14 +309,28 @@ def download(
                 if meta.get(key) is None and key in facts:
                     meta[key] = facts[key]
             arch = current.architecture if current.architecture != "unknown" else facts.get("architecture", "unknown")
-            updated = replace(current, downloaded=True, size_bytes=size, path=str(finals[0]), metadata=meta,
-                              architecture=arch)
+            updated = replace(
+                current,
+                downloaded=True,
+                size_bytes=size,
+                path=str(finals[0]),
+                metadata=meta,
+                architecture=arch,
+            )
             catalog.put(updated)
     elapsed = time.monotonic() - started
-    return {"event": "done", "model": model_id, "already_downloaded": False, "path": str(finals[0]),
-            "size_bytes": size, "sha256": digests[0], "bytes_transferred": meter.done - resumed,
-            "resumed_from": resumed, "elapsed_s": round(elapsed, 3),
-            "speed_bps": round((meter.done - resumed) / max(elapsed, 1e-6), 1)}
+    return {
+        "event": "done",
+        "model": model_id,
+        "already_downloaded": False,
+        "path": str(finals[0]),
+        "size_bytes": size,
+        "sha256": digests[0],
+        "bytes_transferred": meter.done - resumed,
+        "resumed_from": resumed,
+        "elapsed_s": round(elapsed, 3),
+        "speed_bps": round((meter.done - resumed) / max(elapsed, 1e-6), 1),
+    }
 
 
 def _on_disk(entry: ModelEntry) -> bool:
@@ -312,13 +343,27 @@ def _on_disk(entry: ModelEntry) -> bool:
 def _regenerate_tiny(store: CatalogStore, entry: ModelEntry) -> dict[str, Any]:
     """tiny-test's "download" is its generation: deterministic, local, offline."""
     if entry.downloaded and _on_disk(entry):
-        return {"event": "done", "model": entry.id, "already_downloaded": True, "path": entry.path,
-                "size_bytes": entry.size_bytes, "bytes_transferred": 0, "resumed_from": 0}
+        return {
+            "event": "done",
+            "model": entry.id,
+            "already_downloaded": True,
+            "path": entry.path,
+            "size_bytes": entry.size_bytes,
+            "bytes_transferred": 0,
+            "resumed_from": 0,
+        }
     fresh = store.materialize_tiny_test()
     with store.edit() as catalog:
         catalog.put(fresh)
-    return {"event": "done", "model": entry.id, "already_downloaded": False, "path": fresh.path,
-            "size_bytes": fresh.size_bytes, "bytes_transferred": 0, "resumed_from": 0}
+    return {
+        "event": "done",
+        "model": entry.id,
+        "already_downloaded": False,
+        "path": fresh.path,
+        "size_bytes": fresh.size_bytes,
+        "bytes_transferred": 0,
+        "resumed_from": 0,
+    }
 
 
 def verify(store: CatalogStore, model_id: str) -> dict[str, Any]:

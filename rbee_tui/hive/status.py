@@ -28,12 +28,14 @@ def nvidia_gpus() -> tuple[list[dict[str, Any]], str | None]:
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
             name = pynvml.nvmlDeviceGetName(handle)
-            gpus.append({
-                "index": i,
-                "name": name.decode() if isinstance(name, bytes) else name,
-                "memory_total": int(mem.total),
-                "memory_used": int(mem.used),
-            })
+            gpus.append(
+                {
+                    "index": i,
+                    "name": name.decode() if isinstance(name, bytes) else name,
+                    "memory_total": int(mem.total),
+                    "memory_used": int(mem.used),
+                }
+            )
         return gpus, None if gpus else "NVML reports no GPU"
     finally:
         pynvml.nvmlShutdown()
@@ -47,7 +49,7 @@ def available_backends(gpus: list[dict[str, Any]]) -> list[str]:
         import llama_cpp
 
         offload = bool(llama_cpp.llama_supports_gpu_offload())
-    except Exception:  # noqa: BLE001 - a missing or broken engine just means CPU only
+    except Exception:
         offload = False
     if gpus and offload:
         backends.append("cuda")

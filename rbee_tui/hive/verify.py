@@ -65,7 +65,7 @@ def check_gguf_structure(path: Path) -> None:
         from gguf import GGUFReader
 
         GGUFReader(path)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means the file is unusable
+    except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RbeeError(f"{path} is truncated or malformed: {reason}") from None
 
@@ -96,7 +96,7 @@ def gguf_facts(path: Path) -> dict[str, Any]:
         if tokens is not None:
             facts["vocab_size"] = len(tokens.data)
         return {k: v for k, v in facts.items() if v is not None}
-    except Exception:  # noqa: BLE001 - facts are a bonus; a failure here must not fail a download
+    except Exception:
         return {}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rbee_tui.catalog import CatalogStore
-from tests.conftest import hive_cmd, json_lines, wait_for
+from tests.conftest import hive_cmd, json_lines
 from tests.support.hub import HubServer
 
 REPO = "rbee-test/medium-GGUF"
@@ -30,8 +30,9 @@ def catalog_entry(models_dir: Path, model_id: str) -> dict:
     return next(m for m in doc["models"] if m["id"] == model_id)
 
 
-def test_download_reports_progress_and_marks_downloaded(served: HubServer, hive, models_dir: Path,
-                                                        medium_gguf: Path) -> None:
+def test_download_reports_progress_and_marks_downloaded(
+    served: HubServer, hive, models_dir: Path, medium_gguf: Path
+) -> None:
     served.throttle_bps = 40_000_000  # slow enough for several progress events
     proc = hive("models", "download", "medium", "--json", check=True)
     events = json_lines(proc.stdout)
@@ -67,12 +68,17 @@ def test_a_cut_transfer_resumes_within_the_run(served: HubServer, hive, medium_g
     assert served.bytes_sent == size, "nothing may be sent twice"
 
 
-def test_an_interrupted_run_resumes_where_it_stopped(served: HubServer, hive, models_dir: Path,
-                                                     medium_gguf: Path) -> None:
+def test_an_interrupted_run_resumes_where_it_stopped(
+    served: HubServer, hive, models_dir: Path, medium_gguf: Path
+) -> None:
     size = medium_gguf.stat().st_size
     served.throttle_bps = 2_000_000
-    proc = subprocess.Popen(hive_cmd("models", "download", "medium", "--json"), stdout=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
+    proc = subprocess.Popen(
+        hive_cmd("models", "download", "medium", "--json"),
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
             event = json.loads(line)
@@ -95,11 +101,16 @@ def test_an_interrupted_run_resumes_where_it_stopped(served: HubServer, hive, mo
     assert Path(final["path"]).read_bytes() == medium_gguf.read_bytes()
 
 
-def test_cancel_keeps_the_partial_and_marks_nothing(served: HubServer, hive, models_dir: Path,
-                                                    medium_gguf: Path) -> None:
+def test_cancel_keeps_the_partial_and_marks_nothing(
+    served: HubServer, hive, models_dir: Path, medium_gguf: Path
+) -> None:
     served.throttle_bps = 2_000_000
-    proc = subprocess.Popen(hive_cmd("models", "download", "medium", "--json"), stdout=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
+    proc = subprocess.Popen(
+        hive_cmd("models", "download", "medium", "--json"),
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
     lines = []
     for line in proc.stdout:  # type: ignore[union-attr]
         lines.append(json.loads(line))

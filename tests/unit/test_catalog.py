@@ -25,8 +25,17 @@ def test_default_catalog_has_the_seed_models_and_a_ready_tiny_test(models_dir: P
     assert catalog.pool_id == "local"
     on_disk = json.loads((models_dir / "catalog.json").read_text())
     assert on_disk["version"] == "1.0" and on_disk["pool_id"] == "local"
-    assert set(on_disk["models"][0]) >= {"id", "name", "path", "format", "size_bytes", "architecture",
-                                         "downloaded", "backends", "metadata"}
+    assert set(on_disk["models"][0]) >= {
+        "id",
+        "name",
+        "path",
+        "format",
+        "size_bytes",
+        "architecture",
+        "downloaded",
+        "backends",
+        "metadata",
+    }
     assert set(on_disk["models"][0]["metadata"]) >= {"repo", "file", "context_length", "vocab_size", "sha256"}
     for m in catalog.models[:4]:
         assert m.repo and m.file.endswith(".gguf") and not m.downloaded
@@ -41,8 +50,15 @@ def test_default_catalog_has_the_seed_models_and_a_ready_tiny_test(models_dir: P
 
 def test_register_update_unregister(models_dir: Path) -> None:
     store = CatalogStore(models_dir, "local")
-    entry = new_entry(models_dir, "gemma-2b", repo="google/gemma-2b-GGUF", file="gemma-2b.Q4_K_M.gguf",
-                      name="Gemma 2B", architecture="gemma", backends=["cpu", "cuda"])
+    entry = new_entry(
+        models_dir,
+        "gemma-2b",
+        repo="google/gemma-2b-GGUF",
+        file="gemma-2b.Q4_K_M.gguf",
+        name="Gemma 2B",
+        architecture="gemma",
+        backends=["cpu", "cuda"],
+    )
     with store.edit() as cat:
         cat.put(entry)
     assert store.load().get("gemma-2b").backends == ("cpu", "cuda")
@@ -61,7 +77,7 @@ def test_new_entry_refuses_bad_input(models_dir: Path) -> None:
     for bad_id in ["../x", "a b", "$(id)"]:
         with pytest.raises(RbeeError, match="invalid model id"):
             new_entry(models_dir, bad_id, repo="a/b", file="x.gguf")
-    with pytest.raises(RbeeError, match="not a .gguf"):
+    with pytest.raises(RbeeError, match=r"not a \.gguf"):
         new_entry(models_dir, "ok", repo="a/b", file="model.safetensors")
     with pytest.raises(RbeeError, match="unknown backend"):
         new_entry(models_dir, "ok", repo="a/b", file="x.gguf", backends=["vulkan"])

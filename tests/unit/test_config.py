@@ -37,7 +37,13 @@ def test_issue_example_parses(tmp_path: Path) -> None:
     path.write_text(WORKSTATION)
     cfg = config.load(path)
     ws = cfg.pool("workstation")
-    assert (ws.transport, ws.host, ws.port, ws.user, ws.gpus) == ("ssh", "workstation.home.arpa", 22, "rbee", 1)
+    assert (ws.transport, ws.host, ws.port, ws.user, ws.gpus) == (
+        "ssh",
+        "workstation.home.arpa",
+        22,
+        "rbee",
+        1,
+    )
     assert ws.backends == ("cuda",)
     assert ws.identity_file == "~/.ssh/id_ed25519"
 

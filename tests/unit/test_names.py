@@ -7,7 +7,22 @@ import pytest
 from rbee_tui.errors import RbeeError
 from rbee_tui.names import check_host, check_id, check_repo, check_repo_file
 
-BAD_IDS = ["", "a/b", "..", "a..b", "a b", "x;rm -rf ~", "$(id)", "`id`", "-rf", ".hidden", "a|b", "é", "a" * 65, "a\nb"]
+BAD_IDS = [
+    "",
+    "a/b",
+    "..",
+    "a..b",
+    "a b",
+    "x;rm -rf ~",
+    "$(id)",
+    "`id`",
+    "-rf",
+    ".hidden",
+    "a|b",
+    "é",
+    "a" * 65,
+    "a\nb",
+]
 
 
 @pytest.mark.parametrize("value", BAD_IDS)

@@ -1,0 +1,1 @@
+"""Dashboard side: reaching pools (local subprocess or SSH) and speaking `rbee-hive --json` to them."""
