@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ class Context:
     hub: str
     json: bool
     config: cfgmod.Config
+    pool: cfgmod.PoolConfig | None
 
 
 def _emit(obj: Any) -> None:
@@ -52,7 +54,7 @@ def _context(args: argparse.Namespace) -> Context:
     store = CatalogStore(path, pool_id, cfg.registry.models)
     from rbee_tui.hive.downloads import endpoint
 
-    return Context(pool_id, path, store, endpoint(cfg.registry.endpoint), args.json, cfg)
+    return Context(pool_id, path, store, endpoint(cfg.registry.endpoint), args.json, cfg, pool)
 
 
 def cmd_catalog(ctx: Context, args: argparse.Namespace) -> int:
@@ -217,6 +219,117 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(ctx: Context) -> Any:
+    from rbee_tui.hive.workers import Registry
+
+    return Registry(ctx.pool_id)
+
+
+def _worker_line(w: dict[str, Any]) -> str:
+    state = w["state"]
+    if state == "exited":
+        how = f"signal {w['signal']}" if w.get("signal") else f"exit {w.get('exit_code')}"
+        state = f"exited ({how})"
+    rss = human_size(w["rss_bytes"]) if w.get("rss_bytes") else "-"
+    return (
+        f"{w['id']:<18}{w['model']:<14}{w['backend']:<8}{w['gpu']:<5}{w['port']:<7}{state:<20}"
+        f"{w['uptime_s']:>8.0f}s  {rss:<10}{w['engine']}"
+    )
+
+
+def cmd_worker_spawn(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive.workers import describe, spawn, wait_ready
+
+    llama_server = args.llama_server or (ctx.pool.llama_server if ctx.pool else None)
+    record = spawn(
+        ctx.store,
+        _registry(ctx),
+        args.backend,
+        args.model,
+        gpu=args.gpu,
+        port=args.port,
+        host=args.host,
+        engine=args.engine,
+        n_ctx=args.n_ctx,
+        llama_server=llama_server,
+    )
+    if not ctx.json:
+        print(
+            f"🚀 Spawning worker {record.id}: {record.model} on {record.backend} (GPU {record.gpu}), "
+            f"pid {record.pid}, log {record.log}"
+        )
+    if args.wait:
+        t0 = time.monotonic()
+        wait_ready(record, timeout=args.timeout)
+        ready_s = time.monotonic() - t0
+    out = describe(record)
+    if args.wait:
+        out["ready_after_s"] = round(ready_s, 3)
+    if ctx.json:
+        _emit(out)
+    else:
+        print(f"✅ Worker {record.id} {'ready' if args.wait else 'started'}: endpoint {record.url}")
+    return 0
+
+
+def cmd_worker_list(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive.workers import describe
+
+    workers = [describe(r) for r in _registry(ctx).read()]
+    if ctx.json:
+        _emit({"pool_id": ctx.pool_id, "workers": workers})
+        return 0
+    if not workers:
+        print(f"No workers in pool {ctx.pool_id}.")
+        return 0
+    print(f"{'ID':<18}{'Model':<14}{'Backend':<8}{'GPU':<5}{'Port':<7}{'State':<20}{'Uptime':>9}  {'RSS':<10}Engine")
+    for w in workers:
+        print(_worker_line(w))
+        if w["state"] == "exited" and w.get("reason"):
+            print(f"    reason: {w['reason']}")
+    return 0
+
+
+def cmd_worker_stop(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive.workers import stop
+
+    result = stop(_registry(ctx), args.worker_id, grace=args.grace)
+    if ctx.json:
+        _emit(result)
+    else:
+        print(f"🛑 Worker {args.worker_id} stopped" + (" (killed after the grace period)" if result["forced"] else ""))
+    return 0
+
+
+def cmd_worker_logs(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive.workers import follow, tail
+
+    registry = _registry(ctx)
+    try:
+        record = registry.find(args.worker_id)
+    except RbeeError:
+        # A stopped worker is gone from the registry, but its log stays readable.
+        log = registry.logs / f"{check_id(args.worker_id, 'worker id')}.log"
+        if not log.exists():
+            raise
+        lines = tail(log, args.lines)
+        if ctx.json:
+            _emit({"worker_id": args.worker_id, "log": str(log), "lines": lines})
+        else:
+            print("\n".join(lines))
+        return 0
+    lines = follow(record) if args.follow else iter(tail(record.log, args.lines))
+    if ctx.json and not args.follow:
+        _emit({"worker_id": record.id, "log": record.log, "lines": list(lines)})
+        return 0
+    for line in lines:
+        if ctx.json:
+            _emit({"worker_id": record.id, "line": line})
+        else:
+            print(line, flush=True)
+    return 0
+
+
 def cmd_version(ctx: Context | None, args: argparse.Namespace) -> int:
     if args.json:
         _emit({"agent_version": __version__, "protocol": 1})
@@ -270,6 +383,31 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("repair", help="keep a corrupt catalog aside and start afresh", parents=[common]).set_defaults(
         fn=cmd_repair
     )
+
+    worker = sub.add_parser("worker", help="llama.cpp inference workers", parents=[common])
+    wsub = worker.add_subparsers(dest="cmd", required=True, metavar="ACTION")
+    p = wsub.add_parser("spawn", help="start a worker for a model", parents=[common])
+    p.add_argument("backend", choices=["cpu", "cuda", "metal"])
+    p.add_argument("--model", required=True, help="catalog id of a downloaded model")
+    p.add_argument("--gpu", type=int, default=0, help="GPU index for cuda (default 0)")
+    p.add_argument("--port", type=int, help="port (default 8000+gpu, or the next free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--engine", default="llama-cpp-python", choices=["llama-cpp-python", "llama-server"])
+    p.add_argument("--llama-server", help="path of llama.cpp's llama-server (for --engine llama-server)")
+    p.add_argument("--n-ctx", type=int, help="context size (default: the model's, at most 4096)")
+    p.add_argument("--wait", action="store_true", help="return only once the worker answers ready")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
+    p.set_defaults(fn=cmd_worker_spawn)
+    wsub.add_parser("list", help="workers and their state", parents=[common]).set_defaults(fn=cmd_worker_list)
+    p = wsub.add_parser("stop", help="stop a worker (SIGTERM, then SIGKILL)", parents=[common])
+    p.add_argument("worker_id")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
+    p.set_defaults(fn=cmd_worker_stop)
+    p = wsub.add_parser("logs", help="a worker's log", parents=[common])
+    p.add_argument("worker_id")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the worker ends")
+    p.add_argument("--lines", "-n", type=int, default=100)
+    p.set_defaults(fn=cmd_worker_logs)
 
     sub.add_parser("status", help="this node: host, RAM, GPUs, backends", parents=[common]).set_defaults(fn=cmd_status)
     sub.add_parser("version", help="agent and protocol version", parents=[common]).set_defaults(

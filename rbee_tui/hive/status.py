@@ -41,16 +41,20 @@ def nvidia_gpus() -> tuple[list[dict[str, Any]], str | None]:
         pynvml.nvmlShutdown()
 
 
-def available_backends(gpus: list[dict[str, Any]]) -> list[str]:
-    """Backends this node can run: cpu always, cuda with an NVIDIA GPU and a CUDA build, metal on Apple silicon."""
-    backends = ["cpu"]
-    offload = False
-    try:
-        import llama_cpp
+def available_backends(gpus: list[dict[str, Any]], engine: str = "llama-cpp-python") -> list[str]:
+    """Backends this node can run: cpu always, cuda with an NVIDIA GPU and a GPU build, metal on Apple silicon.
 
-        offload = bool(llama_cpp.llama_supports_gpu_offload())
-    except Exception:
-        offload = False
+    For the embedded engine, "a GPU build" is asked of llama-cpp-python; a llama-server binary is taken at its word.
+    """
+    backends = ["cpu"]
+    offload = engine != "llama-cpp-python"
+    if not offload:
+        try:
+            import llama_cpp
+
+            offload = bool(llama_cpp.llama_supports_gpu_offload())
+        except Exception:  # a missing or broken engine just means CPU only
+            offload = False
     if gpus and offload:
         backends.append("cuda")
     if platform.system() == "Darwin" and platform.machine() == "arm64" and offload:

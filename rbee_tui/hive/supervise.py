@@ -1,0 +1,56 @@
+"""The parent of one worker process: it records how the worker ended, which a detached worker cannot do itself.
+
+`rbee-hive worker spawn` starts this in a new session (so it leads the worker's process group); it starts the
+worker, forwards SIGTERM/SIGINT to it, waits, and writes `{"exit_code", "signal", "ended_at"}` to the exit file
+atomically. Stdlib only, so it starts fast and stays small.
+
+    python -m rbee_tui.hive.supervise EXIT_FILE -- COMMAND ARGS...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def main(argv: list[str]) -> int:
+    """Run the command after `--`, then record its end in the exit file."""
+    if len(argv) < 3 or argv[1] != "--":
+        sys.stderr.write("usage: python -m rbee_tui.hive.supervise EXIT_FILE -- COMMAND [ARGS...]\n")
+        return 2
+    exit_file, command = argv[0], argv[2:]
+    try:
+        child = subprocess.Popen(command)
+    except OSError as exc:
+        _record(exit_file, 127, None)
+        sys.stderr.write(f"rbee-hive: cannot start {command[0]}: {exc.strerror}\n")
+        return 127
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    rc = child.wait()
+    _record(exit_file, rc if rc >= 0 else None, -rc if rc < 0 else None)
+    return rc if rc >= 0 else 128 - rc
+
+
+def _record(path: str, code: int | None, sig: int | None) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"exit_code": code, "signal": sig, "ended_at": time.time()}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

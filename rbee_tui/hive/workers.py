@@ -1,0 +1,459 @@
+"""Worker processes of one pool: spawn (detached, own process group), list (reconciled), stop, logs.
+
+Each worker runs under a small supervisor (hive/supervise.py) that leads its process group and records how
+the worker ended. A registry (atomic JSON, locked) lists them per pool in $XDG_STATE_HOME/rbee/pools/<pool>/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from rbee_tui import files
+from rbee_tui.catalog import CatalogStore, ModelEntry
+from rbee_tui.config import state_dir
+from rbee_tui.errors import RbeeError
+from rbee_tui.names import BACKENDS, check_id
+from rbee_tui.worker.client import ENGINE_EMBEDDED, ENGINE_SERVER, ENGINES, probe_health
+
+BASE_PORT = 8000
+STOP_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """What the registry keeps about a spawned worker."""
+
+    id: str
+    pid: int  # the supervisor: leader of the worker's process group
+    create_time: float
+    port: int
+    host: str
+    model: str
+    model_path: str
+    backend: str
+    gpu: int
+    engine: str
+    started_at: float
+    log: str
+    exit_file: str
+    argv: tuple[str, ...]
+
+    @property
+    def url(self) -> str:
+        """Where the worker listens."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as stored."""
+        out = asdict(self)
+        out["argv"] = list(self.argv)
+        return out
+
+
+class Registry:
+    """The pool's worker registry file."""
+
+    def __init__(self, pool_id: str) -> None:
+        self.dir = state_dir() / "pools" / check_id(pool_id, "pool id")
+        self.path = self.dir / "workers.json"
+        self.logs = self.dir / "logs"
+
+    def read(self) -> list[WorkerRecord]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        except ValueError as exc:
+            from rbee_tui.errors import CorruptFileError
+
+            raise CorruptFileError(str(self.path), str(exc), "stop the workers by hand and remove it") from None
+        return [WorkerRecord(**{**w, "argv": tuple(w["argv"])}) for w in doc.get("workers", [])]
+
+    def write(self, records: list[WorkerRecord]) -> None:
+        files.atomic_write_json(self.path, {"version": 1, "workers": [r.to_json() for r in records]})
+
+    def find(self, worker_id: str) -> WorkerRecord:
+        for r in self.read():
+            if r.id == worker_id:
+                return r
+        known = ", ".join(r.id for r in self.read()) or "none"
+        raise RbeeError(f"no worker {worker_id!r} in this pool", f"workers: {known}")
+
+
+# -- process inspection -------------------------------------------------------------------------------------
+
+
+def _alive(record: WorkerRecord) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(record.pid)
+        if abs(proc.create_time() - record.create_time) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
+            return None  # the pid was reused, or only a corpse is left
+        return proc
+    except psutil.NoSuchProcess:
+        return None
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes of a process group."""
+    out = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return out
+
+
+def worker_process(record: WorkerRecord) -> psutil.Process | None:
+    """The inference process itself (the supervisor's child)."""
+    sup = _alive(record)
+    if sup is None:
+        return None
+    try:
+        children = sup.children()
+        return children[0] if children else None
+    except psutil.NoSuchProcess:
+        return None
+
+
+def tail(path: str | Path, n: int = 5) -> list[str]:
+    """The last `n` lines of a log file."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except FileNotFoundError:
+        return []
+    return lines[-n:]
+
+
+def _exit_info(record: WorkerRecord) -> dict[str, Any]:
+    try:
+        return json.loads(Path(record.exit_file).read_text())
+    except (FileNotFoundError, ValueError):
+        return {"exit_code": None, "signal": None}
+
+
+def failure_reason(record: WorkerRecord) -> str:
+    """One line saying why a worker ended: its own error line, else the last line of its log."""
+    lines = tail(record.log, 50)
+    for line in reversed(lines):
+        if "rbee-worker: error:" in line:
+            return line.split("rbee-worker: error:", 1)[1].strip()
+    info = _exit_info(record)
+    how = f"killed by signal {info['signal']}" if info.get("signal") else f"exit code {info.get('exit_code')}"
+    last = next((ln for ln in reversed(lines) if ln.strip()), "")
+    return f"{how}: {last}" if last else how
+
+
+def describe(record: WorkerRecord, probe: bool = True) -> dict[str, Any]:
+    """A record with its live state: loading/ready/busy/starting, or exited with its exit code and last log lines."""
+    out = record.to_json()
+    out["url"] = record.url
+    out["uptime_s"] = round(time.time() - record.started_at, 1)
+    sup = _alive(record)
+    if sup is None:
+        info = _exit_info(record)
+        out.update(
+            state="exited",
+            exit_code=info.get("exit_code"),
+            signal=info.get("signal"),
+            reason=failure_reason(record),
+            last_log=tail(record.log, 5),
+        )
+        return out
+    proc = worker_process(record)
+    out["worker_pid"] = proc.pid if proc else None
+    try:
+        out["rss_bytes"] = proc.memory_info().rss if proc else None
+    except psutil.NoSuchProcess:
+        out["rss_bytes"] = None
+    if probe:
+        state, body = probe_health(record.url, record.engine)
+        out["state"] = state
+        if "queue" in body:
+            out["queue"] = body["queue"]
+    else:
+        out["state"] = "running"
+    return out
+
+
+# -- spawn ------------------------------------------------------------------------------------------------
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the worker binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_port(host: str, wanted: int | None, gpu: int, taken: set[int]) -> int:
+    """The requested port (it must be free), else 8000+gpu or the next free one after it."""
+    if wanted is not None:
+        if wanted in taken or not _port_free(host, wanted):
+            raise RbeeError(f"port {wanted} is already in use", "leave out --port to pick a free one")
+        return wanted
+    for port in range(BASE_PORT + gpu, BASE_PORT + gpu + 200):
+        if port not in taken and _port_free(host, port):
+            return port
+    raise RbeeError(f"no free port from {BASE_PORT + gpu} upwards")
+
+
+def _worker_id(backend: str, gpu: int, taken: set[str]) -> str:
+    base = f"worker-{backend}-{gpu}"
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"
+
+
+def find_llama_server(explicit: str | None) -> str:
+    """The llama-server binary: --llama-server, the pool's config, $RBEE_LLAMA_SERVER, or PATH."""
+    for candidate in (explicit, os.environ.get("RBEE_LLAMA_SERVER"), shutil.which("llama-server")):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if path.is_file() and os.access(path, os.X_OK):
+                return str(path)
+            raise RbeeError(f"llama-server not found at {path}")
+    raise RbeeError(
+        "llama-server is not installed on this pool",
+        "build it with scripts/build-llama-cpp.sh and set llama_server in the pool's config",
+    )
+
+
+def check_spawnable(entry: ModelEntry, backend: str, gpu: int, pool_backends: list[str], gpu_count: int) -> None:
+    """Refuse, with the seeds' messages, what cannot run."""
+    if backend not in BACKENDS:
+        raise RbeeError(f"unknown backend {backend!r}", f"choose from {', '.join(BACKENDS)}")
+    if not entry.downloaded:
+        raise RbeeError(f"Model {entry.id} not downloaded. Run: rbee-hive models download {entry.id}")
+    if backend not in entry.backends:
+        raise RbeeError(
+            f"Model {entry.id} doesn't support {backend} backend", f"it supports: {', '.join(entry.backends)}"
+        )
+    if backend not in pool_backends:
+        raise RbeeError(f"Backend {backend} is not available on this pool", f"available: {', '.join(pool_backends)}")
+    if backend == "cuda" and not 0 <= gpu < gpu_count:
+        raise RbeeError(f"GPU {gpu} does not exist on this pool", f"it has {gpu_count} GPU(s)")
+    if not Path(entry.path).is_file():
+        raise RbeeError(f"the model file {entry.path} is missing", f"run: rbee-hive models verify {entry.id}")
+
+
+def _command(
+    record_id: str,
+    entry: ModelEntry,
+    backend: str,
+    gpu: int,
+    host: str,
+    port: int,
+    engine: str,
+    n_ctx: int | None,
+    llama_server: str | None,
+) -> list[str]:
+    if engine == ENGINE_SERVER:
+        argv = [
+            find_llama_server(llama_server),
+            "-m",
+            entry.path,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "-c",
+            str(n_ctx or min(int(entry.metadata.get("context_length") or 4096), 4096)),
+            "--parallel",
+            "1",
+            "-ngl",
+            "0" if backend == "cpu" else "999",
+        ]
+        if backend == "cuda":
+            argv += ["--main-gpu", str(gpu), "--split-mode", "none"]
+        return argv
+    argv = [
+        sys.executable,
+        "-m",
+        "rbee_tui.worker.server",
+        "--model",
+        entry.path,
+        "--model-id",
+        entry.id,
+        "--worker-id",
+        record_id,
+        "--backend",
+        backend,
+        "--gpu",
+        str(gpu),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if n_ctx:
+        argv += ["--n-ctx", str(n_ctx)]
+    return argv
+
+
+def spawn(
+    store: CatalogStore,
+    registry: Registry,
+    backend: str,
+    model_id: str,
+    *,
+    gpu: int = 0,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    engine: str = ENGINE_EMBEDDED,
+    n_ctx: int | None = None,
+    llama_server: str | None = None,
+) -> WorkerRecord:
+    """Start a worker detached in its own process group and record it."""
+    from rbee_tui.hive.status import available_backends, nvidia_gpus
+
+    if engine not in ENGINES:
+        raise RbeeError(f"unknown engine {engine!r}", f"choose from {', '.join(ENGINES)}")
+    entry = store.load().get(check_id(model_id))
+    gpus, _ = nvidia_gpus() if backend == "cuda" else ([], None)
+    pool_backends = available_backends(gpus, engine) if backend != "cpu" else ["cpu"]
+    check_spawnable(entry, backend, gpu, pool_backends, len(gpus))
+    registry.dir.mkdir(parents=True, exist_ok=True)
+    registry.logs.mkdir(parents=True, exist_ok=True)
+    with files.locked(registry.path):
+        records = registry.read()
+        live = [r for r in records if _alive(r) is not None]
+        chosen_port = choose_port(host, port, gpu, {r.port for r in live})
+        wid = _worker_id(backend, gpu, {r.id for r in records})
+        log_path = registry.logs / f"{wid}.log"
+        exit_file = registry.dir / f"{wid}.exit"
+        exit_file.unlink(missing_ok=True)
+        argv = _command(wid, entry, backend, gpu, host, chosen_port, engine, n_ctx, llama_server)
+        full = [sys.executable, "-m", "rbee_tui.hive.supervise", str(exit_file), "--", *argv]
+        env = os.environ.copy()
+        env["PYTHONUNBUFFERED"] = "1"
+        if backend == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not grab GPU memory
+        with open(log_path, "ab") as log_fh:
+            log_fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} spawn: {' '.join(argv)}\n".encode())
+            log_fh.flush()
+            proc = subprocess.Popen(
+                full,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                env=env,
+            )
+        record = WorkerRecord(
+            id=wid,
+            pid=proc.pid,
+            create_time=psutil.Process(proc.pid).create_time(),
+            port=chosen_port,
+            host=host,
+            model=entry.id,
+            model_path=entry.path,
+            backend=backend,
+            gpu=gpu,
+            engine=engine,
+            started_at=time.time(),
+            log=str(log_path),
+            exit_file=str(exit_file),
+            argv=tuple(argv),
+        )
+        registry.write([*records, record])
+    return record
+
+
+def wait_ready(record: WorkerRecord, timeout: float = 300.0, interval: float = 0.02) -> dict[str, Any]:
+    """Block until the worker answers ready, or raise with the reason it died or timed out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _alive(record) is None or Path(record.exit_file).exists():
+            raise RbeeError(f"worker {record.id} died while starting: {failure_reason(record)}")
+        state, body = probe_health(record.url, record.engine, timeout=1.0)
+        if state in ("ready", "busy"):
+            return body
+        time.sleep(interval)
+    raise RbeeError(f"worker {record.id} was not ready after {timeout:.0f}s", f"see rbee-hive worker logs {record.id}")
+
+
+# -- stop and logs ------------------------------------------------------------------------------------------
+
+
+def stop(registry: Registry, worker_id: str, grace: float = STOP_GRACE_S) -> dict[str, Any]:
+    """SIGTERM the worker, SIGKILL its whole process group after `grace` seconds, and forget it."""
+    record = registry.find(worker_id)
+    forced = False
+    if _alive(record) is not None:
+        try:
+            os.kill(record.pid, signal.SIGTERM)  # the supervisor forwards it to the worker
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while group_members(record.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    if group_members(record.pid):
+        forced = True
+        try:
+            os.killpg(record.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 5
+        while group_members(record.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    left = [p.pid for p in group_members(record.pid)]
+    if left:
+        raise RbeeError(f"worker {worker_id}: processes {left} survived SIGKILL")
+    info = _exit_info(record)
+    with files.locked(registry.path):
+        registry.write([r for r in registry.read() if r.id != worker_id])
+    Path(record.exit_file).unlink(missing_ok=True)
+    return {
+        "worker_id": worker_id,
+        "stopped": True,
+        "forced": forced,
+        "exit_code": info.get("exit_code"),
+        "signal": info.get("signal"),
+        "log": record.log,
+    }
+
+
+def follow(record: WorkerRecord, poll: float = 0.1) -> Iterator[str]:
+    """Yield the log's lines, then new ones as they come, until the worker has ended and the file is drained."""
+    with open(record.log, "rb") as fh:
+        buf = b""
+        while True:
+            chunk = fh.read(64 * 1024)
+            if chunk:
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    yield line.decode("utf-8", "replace")
+                continue
+            if _alive(record) is None:
+                if buf:
+                    yield buf.decode("utf-8", "replace")
+                return
+            time.sleep(poll)

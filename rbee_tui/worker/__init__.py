@@ -1,0 +1,1 @@
+"""`rbee-worker`: one llama.cpp model behind HTTP. No UI imports here."""

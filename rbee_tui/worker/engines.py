@@ -1,0 +1,180 @@
+"""The embedded inference engine: llama-cpp-python, one model, one generation at a time, clean cache each time."""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rbee_tui.errors import RbeeError
+
+
+@dataclass(frozen=True)
+class GenerationSummary:
+    """The numbers every finished generation reports (the `/execute` summary event)."""
+
+    tokens_generated: int
+    prompt_tokens: int
+    ttft_ms: float
+    tokens_per_sec: float
+    prompt_tokens_per_sec: float
+    total_ms: float
+    finish_reason: str
+    text: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as JSON."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One validated generation request."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int | None = None
+    top_k: int = 40
+    top_p: float = 0.95
+    stop: tuple[str, ...] = ()
+
+
+class LlamaCppEngine:
+    """llama-cpp-python in process. Not thread-safe: the server calls it from one thread at a time."""
+
+    name = "llama-cpp-python"
+
+    def __init__(self, model_path: str, backend: str, gpu: int, n_ctx: int | None = None) -> None:
+        self.model_path = model_path
+        self.backend = backend
+        self.gpu = gpu
+        self.requested_ctx = n_ctx
+        self.llm: Any = None
+
+    def load(self) -> None:
+        """Load the model; raises RbeeError with a one-line reason when llama.cpp cannot."""
+        import llama_cpp
+
+        kwargs: dict[str, Any] = {"verbose": False, "n_ctx": self.requested_ctx or 0}
+        if self.backend in ("cuda", "metal"):
+            if not llama_cpp.llama_supports_gpu_offload():
+                raise RbeeError(f"this llama-cpp-python was built without {self.backend} support")
+            kwargs.update(n_gpu_layers=-1, main_gpu=self.gpu, split_mode=llama_cpp.LLAMA_SPLIT_MODE_NONE)
+        else:
+            kwargs["n_gpu_layers"] = 0
+        try:
+            self.llm = llama_cpp.Llama(self.model_path, **kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RbeeError(f"llama.cpp could not load {self.model_path}: {reason}") from None
+        if self.requested_ctx is None and self.llm.n_ctx() > 4096:
+            # A model's training context (32k for Qwen) would reserve gigabytes of KV cache; 4k is plenty here.
+            self.llm.close()
+            self.requested_ctx = 4096
+            self.load()
+
+    @property
+    def n_ctx(self) -> int:
+        """The context size in tokens."""
+        return int(self.llm.n_ctx())
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own chat template, if it has one."""
+        return self.llm.metadata.get("tokenizer.chat_template")
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of a prompt, with the model's BOS."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+    def generate(
+        self,
+        req: Request,
+        on_token: Callable[[str, int], None],
+        cancel: threading.Event,
+        tokens: list[int] | None = None,
+    ) -> GenerationSummary:
+        """Generate up to `req.max_tokens` tokens, calling `on_token(text, id)` for each, from a clean cache."""
+        llm = self.llm
+        tokens = tokens if tokens is not None else self.tokenize(req.prompt)
+        llm.reset()  # start from position 0: no prefix reuse, so no earlier request can leak into this one
+        if req.seed is not None:
+            llm.set_seed(req.seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        import llama_cpp
+
+        vocab = llm._model.vocab
+
+        def is_end(tok: int) -> bool:
+            return bool(llama_cpp.llama_vocab_is_eog(vocab, tok))
+
+        room = self.n_ctx - len(tokens)
+        limit = min(req.max_tokens, room)
+        pieces: list[str] = []
+        n = 0
+        finish = "length"
+        started = time.perf_counter()
+        first = last = started
+        gen = llm.generate(
+            tokens, top_k=req.top_k, top_p=req.top_p, temp=req.temperature, reset=False, repeat_penalty=1.0
+        )
+        try:
+            for tok in gen:
+                now = time.perf_counter()
+                if n == 0:
+                    first = now
+                if is_end(tok):
+                    finish = "stop"
+                    break
+                text = decoder.decode(llm.detokenize([tok], prev_tokens=tokens))
+                tokens.append(tok)
+                n += 1
+                last = now
+                pieces.append(text)
+                on_token(text, tok)
+                if req.stop and any(s in "".join(pieces[-8:]) for s in req.stop):
+                    finish = "stop"
+                    break
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if n >= limit:
+                    break
+        finally:
+            gen.close()
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+        end = time.perf_counter()
+        ttft = (first - started) * 1000.0
+        decode_s = last - first
+        return GenerationSummary(
+            tokens_generated=n,
+            prompt_tokens=len(tokens) - n,
+            ttft_ms=round(ttft, 3),
+            tokens_per_sec=round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else 0.0,
+            prompt_tokens_per_sec=round((len(tokens) - n) / (ttft / 1000.0), 2) if ttft > 0 else 0.0,
+            total_ms=round((end - started) * 1000.0, 3),
+            finish_reason=finish,
+            text="".join(pieces),
+        )
+
+    def close(self) -> None:
+        """Free the model."""
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+
+def llama_cpp_version() -> str:
+    """The llama-cpp-python version (its vendored llama.cpp goes with it)."""
+    try:
+        import llama_cpp
+
+        return str(llama_cpp.__version__)
+    except Exception:
+        return "unknown"
