@@ -9,6 +9,7 @@ atomically. Stdlib only, so it starts fast and stays small.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -31,10 +32,8 @@ def main(argv: list[str]) -> int:
         return 127
 
     def forward(signum: int, frame: object) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             child.send_signal(signum)
-        except ProcessLookupError:
-            pass
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)

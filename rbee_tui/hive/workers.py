@@ -6,6 +6,7 @@ the worker ended. A registry (atomic JSON, locked) lists them per pool in $XDG_S
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -407,19 +408,15 @@ def stop(registry: Registry, worker_id: str, grace: float = STOP_GRACE_S) -> dic
     record = registry.find(worker_id)
     forced = False
     if _alive(record) is not None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(record.pid, signal.SIGTERM)  # the supervisor forwards it to the worker
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + grace
         while group_members(record.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
     if group_members(record.pid):
         forced = True
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(record.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + 5
         while group_members(record.pid) and time.monotonic() < deadline:
             time.sleep(0.02)

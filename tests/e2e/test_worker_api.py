@@ -104,7 +104,7 @@ async def test_execute_streams_tokens_and_a_summary(worker: str) -> None:
 
 async def test_unicode_and_emoji_prompts(worker: str) -> None:
     for prompt in ["Grüße aus Köln — ça va? 你好 🐝🚀", "🐝" * 50, "\u200b\u0000 control"]:
-        tokens, summary = await run(worker, {"prompt": prompt, "max_tokens": 4})
+        _tokens, summary = await run(worker, {"prompt": prompt, "max_tokens": 4})
         assert summary["tokens_generated"] == 4
 
 
