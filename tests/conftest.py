@@ -55,7 +55,10 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
 
 
 def hive_cmd(*args: str) -> list[str]:
-    return [str(BIN / "rbee-hive"), *args]
+    script = BIN / "rbee-hive"
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-m", "rbee_tui.hive.cli", *args]  # not installed: run from the source tree
 
 
 @pytest.fixture

@@ -296,7 +296,7 @@ def _command(
     argv = [
         sys.executable,
         "-m",
-        "rbee_tui.worker.server",
+        "rbee_tui.worker.launch",
         "--model",
         entry.path,
         "--model-id",

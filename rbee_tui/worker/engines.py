@@ -48,8 +48,11 @@ class LlamaCppEngine:
 
     name = "llama-cpp-python"
 
-    def __init__(self, model_path: str, backend: str, gpu: int, n_ctx: int | None = None) -> None:
+    def __init__(
+        self, model_path: str, backend: str, gpu: int, n_ctx: int | None = None, verbose: bool = False
+    ) -> None:
         self.model_path = model_path
+        self.verbose = verbose
         self.backend = backend
         self.gpu = gpu
         self.requested_ctx = n_ctx
@@ -59,7 +62,7 @@ class LlamaCppEngine:
         """Load the model; raises RbeeError with a one-line reason when llama.cpp cannot."""
         import llama_cpp
 
-        kwargs: dict[str, Any] = {"verbose": False, "n_ctx": self.requested_ctx or 0}
+        kwargs: dict[str, Any] = {"verbose": self.verbose, "n_ctx": self.requested_ctx or 0}
         if self.backend in ("cuda", "metal"):
             if not llama_cpp.llama_supports_gpu_offload():
                 raise RbeeError(f"this llama-cpp-python was built without {self.backend} support")

@@ -380,7 +380,7 @@ async def serve(args: argparse.Namespace) -> int:
         check_gguf_header(args.model)
     except RbeeError as exc:
         return _fail(EXIT_LOAD_FAILED, f"cannot load the model: {exc.message}")
-    engine = LlamaCppEngine(args.model, args.backend, args.gpu, args.n_ctx)
+    engine = LlamaCppEngine(args.model, args.backend, args.gpu, args.n_ctx, verbose=args.verbose)
     worker = Worker(engine, args.model_id or os.path.basename(args.model), args.worker_id or f"worker-{os.getpid()}")
     runner = web.AppRunner(build_app(worker), access_log=None, handle_signals=False)
     await runner.setup()
@@ -434,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--n-ctx", type=int, help="context size (default: the model's, at most 4096)")
+    ap.add_argument("--verbose", action="store_true", help="let llama.cpp log its own loading details")
     return ap
 
 

@@ -53,7 +53,7 @@ def worker() -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "rbee_tui.worker.server",
+            "rbee_tui.worker.launch",
             "--model",
             str(TINY),
             "--model-id",
@@ -237,7 +237,7 @@ def test_bad_model_file_exits_with_one_line(tmp_path: Path) -> None:
         bad = tmp_path / "bad.gguf"
         bad.write_bytes(content)
         proc = subprocess.run(
-            [sys.executable, "-m", "rbee_tui.worker.server", "--model", str(bad), "--port", str(free_port())],
+            [sys.executable, "-m", "rbee_tui.worker.launch", "--model", str(bad), "--port", str(free_port())],
             capture_output=True,
             text=True,
             timeout=60,
@@ -247,7 +247,7 @@ def test_bad_model_file_exits_with_one_line(tmp_path: Path) -> None:
         assert len(err) == 1 and err[0].startswith("rbee-worker: error:") and reason in err[0]
         assert "Traceback" not in proc.stdout + proc.stderr
     missing = subprocess.run(
-        [sys.executable, "-m", "rbee_tui.worker.server", "--model", str(tmp_path / "nope.gguf")],
+        [sys.executable, "-m", "rbee_tui.worker.launch", "--model", str(tmp_path / "nope.gguf")],
         capture_output=True,
         text=True,
         timeout=60,
