@@ -1,0 +1,102 @@
+"""The llama-server engine: same spawn/list/stop, same summary numbers, same greedy tokens as rbee-worker."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from rbee_tui.hive.workers import group_members
+from rbee_tui.worker.client import classify_health, execute
+
+
+def _binary() -> str | None:
+    env = os.environ.get("RBEE_LLAMA_SERVER")
+    if env:
+        return env
+    found = sorted(glob.glob(str(Path.home() / ".cache/rbee/llama.cpp/*/bin/llama-server")))
+    return found[-1] if found else None
+
+
+LLAMA_SERVER = _binary()
+needs_binary = pytest.mark.skipif(
+    LLAMA_SERVER is None, reason="llama-server is not built: run scripts/build-llama-cpp.sh (CI does)"
+)
+
+
+def test_health_answers_are_classified() -> None:
+    assert classify_health("llama-server", 200, {"status": "ok"}) == "ready"
+    assert classify_health("llama-server", 503, {"error": {"code": 503, "message": "Loading model"}}) == "loading"
+    assert classify_health("llama-server", 503, {"error": {"message": "no slot available"}}) == "busy"
+    assert classify_health("llama-server", 500, {}) == "failed"
+    assert classify_health("llama-cpp-python", 503, {"status": "loading"}) == "loading"
+    assert classify_health("llama-cpp-python", 200, {"status": "busy", "queue": 2}) == "busy"
+
+
+async def _greedy(url: str, engine: str) -> tuple[list[str], dict]:
+    tokens: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        async for ev in execute(
+            session, url, engine, {"prompt": "Hello, how are you?", "max_tokens": 12, "temperature": 0.0, "seed": 42}
+        ):
+            if ev["event"] == "token":
+                tokens.append(ev["t"])
+            else:
+                return tokens, ev
+    raise AssertionError("no summary")
+
+
+@needs_binary
+async def test_llama_server_worker_lifecycle(hive) -> None:
+    out = hive(
+        "worker",
+        "spawn",
+        "cpu",
+        "--model",
+        "tiny-test",
+        "--engine",
+        "llama-server",
+        "--llama-server",
+        str(LLAMA_SERVER),
+        "--wait",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    server = json.loads(out.stdout.strip().splitlines()[-1])
+    assert server["engine"] == "llama-server" and server["state"] == "ready"
+    [listed] = json.loads(hive("worker", "list", "--json", check=True).stdout)["workers"]
+    assert listed["engine"] == "llama-server" and listed["state"] == "ready"
+
+    tokens, summary = await _greedy(server["url"], "llama-server")
+    assert summary["tokens_generated"] == 12 and summary["finish_reason"] == "length"
+    assert summary["prompt_tokens"] > 5 and summary["tokens_per_sec"] > 0 and summary["ttft_ms"] > 0
+    assert summary["text"] == "".join(tokens)
+
+    # The embedded engine runs the same llama.cpp: greedy decoding must give the same text.
+    ours = json.loads(hive("worker", "spawn", "cpu", "--model", "tiny-test", "--wait", "--json", check=True).stdout)
+    _, our_summary = await _greedy(ours["url"], "llama-cpp-python")
+    assert our_summary["text"] == summary["text"]
+
+    for w in (server, ours):
+        result = json.loads(hive("worker", "stop", w["id"], "--json", check=True).stdout)
+        assert result["stopped"] and not result["forced"]
+        assert group_members(w["pid"]) == []
+
+
+def test_missing_binary_is_a_clear_error(hive, tmp_path: Path) -> None:
+    proc = hive(
+        "worker",
+        "spawn",
+        "cpu",
+        "--model",
+        "tiny-test",
+        "--engine",
+        "llama-server",
+        "--llama-server",
+        str(tmp_path / "nope"),
+    )
+    assert proc.returncode == 1 and "llama-server not found" in proc.stderr
