@@ -23,6 +23,7 @@ def _binary() -> str | None:
 
 
 LLAMA_SERVER = _binary()
+SPAWN_SERVER = ("worker", "spawn", "cpu", "--model", "tiny-test", "--engine", "llama-server", "--llama-server")
 needs_binary = pytest.mark.skipif(
     LLAMA_SERVER is None, reason="llama-server is not built: run scripts/build-llama-cpp.sh (CI does)"
 )
@@ -52,19 +53,7 @@ async def _greedy(url: str, engine: str) -> tuple[list[str], dict]:
 
 @needs_binary
 async def test_llama_server_worker_lifecycle(hive) -> None:
-    out = hive(
-        "worker",
-        "spawn",
-        "cpu",
-        "--model",
-        "tiny-test",
-        "--engine",
-        "llama-server",
-        "--llama-server",
-        str(LLAMA_SERVER),
-        "--wait",
-        "--json",
-    )
+    out = hive(*SPAWN_SERVER, str(LLAMA_SERVER), "--wait", "--json")
     assert out.returncode == 0, out.stderr
     server = json.loads(out.stdout.strip().splitlines()[-1])
     assert server["engine"] == "llama-server" and server["state"] == "ready"
@@ -89,14 +78,7 @@ async def test_llama_server_worker_lifecycle(hive) -> None:
 
 def test_missing_binary_is_a_clear_error(hive, tmp_path: Path) -> None:
     proc = hive(
-        "worker",
-        "spawn",
-        "cpu",
-        "--model",
-        "tiny-test",
-        "--engine",
-        "llama-server",
-        "--llama-server",
+        *SPAWN_SERVER,
         str(tmp_path / "nope"),
     )
     assert proc.returncode == 1 and "llama-server not found" in proc.stderr
