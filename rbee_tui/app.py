@@ -8,6 +8,7 @@ from typing import Any
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.containers import Horizontal
 from textual.widgets import DataTable, Footer, Header, ListItem, ListView, Static
 
 from rbee_tui.catalog import human_size
@@ -32,8 +33,9 @@ class RbeeApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield ListView(*[ListItem(Static(p.name), id=f"pool-{p.name}") for p in self.config.pools], id="pools")
-        yield DataTable(id="catalog", cursor_type="row")
+        with Horizontal():
+            yield ListView(*[ListItem(Static(p.name), id=f"pool-{p.name}") for p in self.config.pools], id="pools")
+            yield DataTable(id="catalog", cursor_type="row")
         yield Static("", id="status")
         yield Footer()
 

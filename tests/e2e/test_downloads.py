@@ -171,6 +171,14 @@ def test_gated_repo_says_to_set_a_token(hub: HubServer, hive) -> None:
     assert "HF_TOKEN" in proc.stderr
 
 
+def test_hf_token_is_sent(served: HubServer, hive, monkeypatch: pytest.MonkeyPatch, models_dir: Path) -> None:
+    served.token = "hf_test_secret"
+    assert hive("models", "download", "medium").returncode == 1
+    monkeypatch.setenv("HF_TOKEN", "hf_test_secret")
+    hive("models", "download", "medium", check=True)
+    assert catalog_entry(models_dir, "medium")["downloaded"] is True
+
+
 def test_split_model_downloads_as_a_set(hub: HubServer, hive, models_dir: Path, medium_gguf: Path) -> None:
     # Three whole GGUF files stand for the three parts of a split model.
     parts = [medium_gguf.read_bytes()] * 3

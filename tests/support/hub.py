@@ -52,6 +52,7 @@ class HubServer:
     throttle_bps: float | None = None
     cut_after: int | None = None  # cut the next GET after this many bytes (once)
     refuse: bool = False
+    token: str | None = None  # when set, every request must carry `Authorization: Bearer <token>`
     chunk: int = 64 * 1024
 
     def add(self, repo: str, name: str, data: bytes | None = None, path: Path | None = None) -> HubFile:
@@ -105,7 +106,7 @@ class HubServer:
         repo = f"{request.match_info['owner']}/{request.match_info['name']}"
         name = request.match_info["file"]
         self.requests.append(Request(request.method, repo, name, request.headers.get("Range")))
-        if self.refuse:
+        if self.refuse or (self.token and request.headers.get("Authorization") != f"Bearer {self.token}"):
             return web.Response(status=401, headers={"X-Error-Code": "GatedRepo"}, text="gated")
         f = self.files.get((repo, name))
         if f is None:
