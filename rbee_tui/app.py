@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Footer, Header, ListItem, ListView, Stati
 from rbee_tui.catalog import human_size
 from rbee_tui.config import Config
 from rbee_tui.errors import RbeeError
-from rbee_tui.pools.transport import LocalTransport
+from rbee_tui.pools.client import PoolClient
 
 THEMES_DIR = Path(__file__).resolve().parent.parent / "themes"
 
@@ -30,6 +30,7 @@ class RbeeApp(App[None]):
         super().__init__()
         self.config = config
         self.catalogs: dict[str, dict[str, Any]] = {}
+        self.clients = {p.name: PoolClient(p) for p in config.pools}
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -39,22 +40,29 @@ class RbeeApp(App[None]):
         yield Static("", id="status")
         yield Footer()
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
+        for client in self.clients.values():
+            client.start()
         table = self.query_one("#catalog", DataTable)
         table.add_columns("ID", "Name", "Arch", "Size", "Downloaded", "Backends")
         self.action_refresh()
 
+    async def on_unmount(self) -> None:
+        for client in self.clients.values():
+            await client.close()
+
     def action_refresh(self) -> None:
         """Reload every pool's catalog."""
         for pool in self.config.pools:
-            if pool.transport == "local":
-                self.load_catalog(pool.name)
+            self.load_catalog(pool.name)
 
     @work(exclusive=False, exit_on_error=False)
     async def load_catalog(self, pool_name: str) -> None:
         status = self.query_one("#status", Static)
         try:
-            doc = await LocalTransport(self.config.pool(pool_name)).run_json("models", "catalog")
+            client = self.clients[pool_name]
+            await client.wait_connected(30)
+            doc = await client.hive("models", "catalog")
         except RbeeError as exc:
             self.notify(str(exc), severity="error")
             return

@@ -20,7 +20,78 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     cfg = sub.add_parser("config", help="show or create the config file")
     cfg.add_argument("action", choices=["path", "show", "init"])
+    pools = sub.add_parser("pools", help="all pools at once")
+    pools.add_argument("action", choices=["status"])
+    pools.add_argument("--json", action="store_true")
+    pool = sub.add_parser("pool", help="run rbee-hive commands on one pool (as `rbee-hive` would there)")
+    pool.add_argument("name")
+    pool.add_argument("hive_args", nargs=argparse.REMAINDER, metavar="models|worker|status|metrics ...")
+    trust = sub.add_parser("trust", help="accept a pool's SSH host key after checking its fingerprint")
+    trust.add_argument("name")
+    trust.add_argument("--yes", action="store_true", help="do not ask")
     return ap
+
+
+def _pools_status(cfg: cfgmod.Config, as_json: bool) -> int:
+    import asyncio
+    import json
+
+    from rbee_tui.pools.client import gather_pools_config, probe
+
+    results = asyncio.run(gather_pools_config(cfg.pools, probe))
+    rows = []
+    for pool, res in zip(cfg.pools, results, strict=True):
+        if isinstance(res, BaseException):
+            res = {"name": pool.name, "transport": pool.transport, "state": "lost", "reason": str(res)}
+        rows.append(res)
+    if as_json:
+        print(json.dumps({"pools": rows}, indent=2))
+    else:
+        gib = 1024**3
+        for r in rows:
+            line = f"{r['name']:<16}{r['transport']:<7}{r['state']:<13}"
+            if r["state"] == "connected":
+                st = r["status"]
+                gpus = ", ".join(g["name"] for g in st.get("gpus", [])) or "no GPU"
+                line += (
+                    f"{st['hostname']}  {st['cpu_count']} CPUs  {st['ram_available'] / gib:.1f}/"
+                    f"{st['ram_total'] / gib:.1f} GiB free  {gpus}  {len(r['workers'])} worker(s)"
+                )
+            else:
+                line += r["reason"]
+            print(line)
+    return 0 if all(r["state"] == "connected" for r in rows) else 1
+
+
+def _pool_passthrough(cfg: cfgmod.Config, name: str, args: list[str]) -> int:
+    import asyncio
+
+    from rbee_tui.pools.client import passthrough
+
+    if not args:
+        raise RbeeError("nothing to run", f"e.g. rbee-tui pool {name} models catalog")
+    rc, out, err = asyncio.run(passthrough(cfg.pool(name), args))
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    return rc
+
+
+def _trust(cfg: cfgmod.Config, name: str, yes: bool) -> int:
+    import asyncio
+
+    from rbee_tui.pools.hostkeys import known_hosts_path, server_key, trust
+
+    pool = cfg.pool(name)
+    if pool.transport != "ssh":
+        raise RbeeError(f"pool {name} is local: it has no host key")
+    key = asyncio.run(server_key(pool))
+    print(f"{pool.host}:{pool.port} presents {key.get_algorithm()} key {key.get_fingerprint('sha256')}")
+    if not yes and input("Trust it? [y/N] ").strip().lower() not in ("y", "yes"):
+        print("not trusted")
+        return 1
+    asyncio.run(trust(pool))
+    print(f"added to {known_hosts_path(pool)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                     raise RbeeError(f"{cfg.path} already exists", "edit it, or remove it first")
                 print(f"wrote {cfgmod.save(cfg, args.config)}")
             return 0
+        if args.cmd == "pools":
+            return _pools_status(cfg, args.json)
+        if args.cmd == "pool":
+            return _pool_passthrough(cfg, args.name, args.hive_args)
+        if args.cmd == "trust":
+            return _trust(cfg, args.name, args.yes)
         from rbee_tui.app import RbeeApp
 
         RbeeApp(cfg).run()

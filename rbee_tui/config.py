@@ -65,6 +65,7 @@ class PoolConfig:
     models_dir: str = DEFAULT_MODELS_DIR
     hive_command: str = "rbee-hive"
     llama_server: str | None = None
+    known_hosts: str | None = None
 
     def models_path(self) -> Path:
         """The models dir with `~` expanded (meaningful on the pool's own machine)."""
@@ -161,7 +162,7 @@ def _pool_from(raw: Any, index: int, where: str) -> PoolConfig:
         if not isinstance(backends, list) or not all(isinstance(b, str) for b in backends):
             raise RbeeError(f"backends must be a list of names from {', '.join(BACKENDS)}")
         check_backends(backends)
-        for key in ("identity_file", "models_dir", "hive_command", "llama_server"):
+        for key in ("identity_file", "models_dir", "hive_command", "llama_server", "known_hosts"):
             if key in raw and not isinstance(raw[key], str):
                 raise RbeeError(f"{key} must be a string")
     except RbeeError as exc:
@@ -178,6 +179,7 @@ def _pool_from(raw: Any, index: int, where: str) -> PoolConfig:
         models_dir=raw.get("models_dir", default_models_dir()),
         hive_command=raw.get("hive_command", "rbee-hive"),
         llama_server=raw.get("llama_server"),
+        known_hosts=raw.get("known_hosts"),
     )
 
 

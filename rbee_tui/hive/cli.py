@@ -330,6 +330,34 @@ def cmd_worker_logs(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive.metrics import Sampler
+
+    if args.interval <= 0:
+        raise RbeeError("--interval must be positive")
+    sampler = Sampler(ctx.pool_id)
+    n = 0
+    next_at = time.monotonic() + args.interval
+    try:
+        while args.count is None or n < args.count:
+            time.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += args.interval
+            s = sampler.sample()
+            n += 1
+            if ctx.json:
+                _emit(s)
+            else:
+                gib = 1024**3
+                ram = f"RAM {s['ram']['used'] / gib:5.1f}/{s['ram']['total'] / gib:.1f} GiB"
+                print(
+                    f"{ram}  CPU {s['cpu']['percent']:5.1f}%  load {s['load'][0]:.2f}  workers {len(s['workers'])}",
+                    flush=True,
+                )
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 0
+    return 0
+
+
 def cmd_version(ctx: Context | None, args: argparse.Namespace) -> int:
     if args.json:
         _emit({"agent_version": __version__, "protocol": 1})
@@ -340,7 +368,9 @@ def cmd_version(ctx: Context | None, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole `rbee-hive` command tree."""
-    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: these options are accepted before and after the subcommand; without it a subparser's default
+    # would overwrite what was given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", help="machine-readable output (docs/protocol.md)")
     common.add_argument("--config", help="config file (default: $RBEE_CONFIG or $XDG_CONFIG_HOME/rbee/config.toml)")
     common.add_argument("--pool", help="which [[pools]] entry of the config describes this node")
@@ -409,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lines", "-n", type=int, default=100)
     p.set_defaults(fn=cmd_worker_logs)
 
+    p = sub.add_parser("metrics", help="stream node metrics, one sample per interval", parents=[common])
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
+    p.add_argument("--count", type=int, help="stop after this many samples (default: run until stopped)")
+    p.set_defaults(fn=cmd_metrics)
+
     sub.add_parser("status", help="this node: host, RAM, GPUs, backends", parents=[common]).set_defaults(fn=cmd_status)
     sub.add_parser("version", help="agent and protocol version", parents=[common]).set_defaults(
         fn=cmd_version, no_context=True
@@ -430,6 +465,9 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `rbee-hive`; returns the exit status."""
     args = build_parser().parse_args(argv)
+    for name, default in (("json", False), ("config", None), ("pool", None), ("models_dir", None), ("pool_id", None)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
     _quiet_libraries()
     try:
         if getattr(args, "backends", None):

@@ -1,30 +1,35 @@
-"""Runs `rbee-hive ... --json` on a pool. The local pool uses a subprocess; SSH pools share the same contract."""
+"""How a pool is reached: a local subprocess, or one asyncssh connection. Both run `rbee-hive ... --json`.
+
+Every argument is quoted before it reaches a remote shell; names are validated before anything runs.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import os
 import shlex
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from rbee_tui import __version__
 from rbee_tui.config import PoolConfig
 from rbee_tui.errors import RbeeError
+from rbee_tui.names import check_host, check_id, check_user
+
+INSTALL_HINT = (
+    f"install it there with `python3 -m pip install --user rbee-tui=={__version__}` (or `bash scripts/install.sh` "
+    "in a checkout), or set hive_command in the pool's config to its path"
+)
 
 
-def hive_argv(pool: PoolConfig, *args: str) -> list[str]:
+def hive_argv(pool: PoolConfig, *args: str, json_output: bool = True) -> list[str]:
     """The argument vector of an `rbee-hive` call for `pool`, with the pool's identity and models dir."""
-    return [
-        *shlex.split(pool.hive_command),
-        "--pool-id",
-        pool.name,
-        "--models-dir",
-        pool.models_dir,
-        *args,
-        "--json",
-    ]
+    check_id(pool.name, "pool name")
+    argv = [*shlex.split(pool.hive_command), "--pool-id", pool.name, "--models-dir", pool.models_dir, *args]
+    return [*argv, "--json"] if json_output and "--json" not in args else argv
 
 
 def _local_hive(argv: list[str]) -> list[str]:
@@ -33,33 +38,197 @@ def _local_hive(argv: list[str]) -> list[str]:
         candidate = Path(sys.executable).with_name("rbee-hive")
         if candidate.exists():
             return [str(candidate), *argv[1:]]
+        return [sys.executable, "-m", "rbee_tui.hive.cli", *argv[1:]]
     return argv
 
 
+class Stream:
+    """A running command whose stdout is read line by line."""
+
+    def __init__(self, lines: AsyncIterator[str], terminate: Any) -> None:
+        self.lines = lines
+        self._terminate = terminate
+
+    async def close(self) -> None:
+        """Stop the command."""
+        await self._terminate()
+
+
 class LocalTransport:
-    """The local pool: `rbee-hive` as a child process."""
+    """This machine: `rbee-hive` as a child process. Tunnels are not needed: workers are on loopback here."""
+
+    kind = "local"
 
     def __init__(self, pool: PoolConfig) -> None:
         self.pool = pool
 
-    async def run_json(self, *args: str, timeout: float = 60) -> Any:
-        """Run one `rbee-hive` command and return its last JSON object; its one-line error on failure."""
-        argv = _local_hive(hive_argv(self.pool, *args))
+    async def connect(self) -> None:
+        """Nothing to open for the local pool."""
+
+    async def wait_closed(self) -> str:
+        """The local pool is never lost: wait forever."""
+        await asyncio.Event().wait()
+        return ""
+
+    async def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=os.environ.copy()
+            *_local_hive(argv), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=os.environ.copy()
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
             proc.kill()
             await proc.wait()
+            raise
+        return proc.returncode or 0, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+    async def stream(self, argv: list[str]) -> Stream:
+        proc = await asyncio.create_subprocess_exec(
+            *_local_hive(argv),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=os.environ.copy(),
+            limit=1 << 20,
+        )
+
+        async def lines() -> AsyncIterator[str]:
+            assert proc.stdout is not None
+            async for raw in proc.stdout:
+                yield raw.decode("utf-8", "replace")
+
+        async def terminate() -> None:
+            if proc.returncode is None:
+                proc.terminate()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 5)
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+        return Stream(lines(), terminate)
+
+    async def forward(self, port: int) -> tuple[int, Any]:
+        return port, None
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+
+class SSHTransport:
+    """One asyncssh connection per pool; commands, streams and tunnels are channels on it."""
+
+    kind = "ssh"
+
+    def __init__(
+        self, pool: PoolConfig, keepalive_interval: float = 5.0, keepalive_count_max: int = 2, max_sessions: int = 8
+    ) -> None:
+        self.check(pool)
+        self.pool = pool
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_count_max = keepalive_count_max
+        self.conn: Any = None
+        # OpenSSH allows 10 sessions per connection by default: stay under it, whatever the callers do.
+        self.sessions = asyncio.Semaphore(max_sessions)
+
+    @staticmethod
+    def check(pool: PoolConfig) -> None:
+        """Refuse a host or user name that is not plainly one."""
+        check_host(pool.host or "")
+        if pool.user:
+            check_user(pool.user)
+
+    def _options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "port": self.pool.port,
+            "keepalive_interval": self.keepalive_interval,
+            "keepalive_count_max": self.keepalive_count_max,
+            "connect_timeout": 15,
+        }
+        if self.pool.user:
+            opts["username"] = self.pool.user
+        if self.pool.identity_file:
+            opts["client_keys"] = [str(Path(self.pool.identity_file).expanduser())]
+        if self.pool.known_hosts:
+            path = Path(self.pool.known_hosts).expanduser()
+            if path.exists():
+                opts["known_hosts"] = str(path)
+            else:  # a file not made yet knows no host: every key is unknown, which the error then says
+                import asyncssh
+
+                opts["known_hosts"] = asyncssh.import_known_hosts("")
+        return opts
+
+    async def connect(self) -> None:
+        """Open the connection, turning every failure into one line that says what to do."""
+        import asyncssh
+
+        where = f"{self.pool.host}:{self.pool.port}"
+        try:
+            self.conn = await asyncssh.connect(self.pool.host, **self._options())
+        except asyncssh.HostKeyNotVerifiable:
+            raise await self._host_key_error() from None
+        except asyncssh.PermissionDenied:
+            user = self.pool.user or "(default user)"
             raise RbeeError(
-                f"pool {self.pool.name}: `rbee-hive {' '.join(args)}` timed out after {timeout:.0f}s"
+                f"{user}@{where} refused our keys",
+                "check identity_file in the pool's config, or load the key into ssh-agent",
             ) from None
-        lines = [line for line in out.decode().splitlines() if line.strip()]
-        last = json.loads(lines[-1]) if lines else None
-        if proc.returncode != 0:
-            message = (last or {}).get("error") or err.decode().strip().splitlines()[-1:] or ["failed"]
-            hint = (last or {}).get("hint")
-            raise RbeeError(f"pool {self.pool.name}: {message if isinstance(message, str) else message[0]}", hint)
-        return last
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise RbeeError(f"cannot connect to {where}: {reason}") from None
+
+    async def _host_key_error(self) -> RbeeError:
+        from rbee_tui.pools.hostkeys import describe_host_key_problem
+
+        return await describe_host_key_problem(self.pool)
+
+    async def wait_closed(self) -> str:
+        """Return when the connection is gone (closed by the peer, or keepalives unanswered)."""
+        await self.conn.wait_closed()
+        return "connection closed"
+
+    async def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+        async with self.sessions:
+            result = await asyncio.wait_for(self.conn.run(shlex.join(argv), check=False), timeout)
+        rc = result.exit_status if result.exit_status is not None else 255
+        return rc, str(result.stdout or ""), str(result.stderr or "")
+
+    async def stream(self, argv: list[str]) -> Stream:
+        await self.sessions.acquire()
+        try:
+            proc = await self.conn.create_process(shlex.join(argv))
+        except BaseException:
+            self.sessions.release()
+            raise
+        released = False
+
+        async def lines() -> AsyncIterator[str]:
+            async for line in proc.stdout:
+                yield line
+
+        async def terminate() -> None:
+            nonlocal released
+            proc.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait_closed(), 5)
+            if not released:
+                released = True
+                self.sessions.release()
+
+        return Stream(lines(), terminate)
+
+    async def forward(self, port: int) -> tuple[int, Any]:
+        """A local port that reaches the node's 127.0.0.1:`port` through this connection."""
+        listener = await self.conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", port)
+        return listener.get_port(), listener
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.conn.wait_closed(), 5)
+
+
+def make_transport(pool: PoolConfig, **ssh_options: Any) -> LocalTransport | SSHTransport:
+    """The transport a pool's config asks for."""
+    return LocalTransport(pool) if pool.transport == "local" else SSHTransport(pool, **ssh_options)

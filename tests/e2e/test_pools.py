@@ -1,0 +1,286 @@
+"""Pools over SSH against real OpenSSH servers on 127.0.0.1: calls, tunnels, metrics, loss and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from rbee_tui.config import PoolConfig
+from rbee_tui.errors import RbeeError
+from rbee_tui.pools.client import CONNECTED, LOST, PoolClient
+from rbee_tui.pools.hostkeys import trust
+from rbee_tui.worker.client import execute
+from tests.conftest import BIN, hive_cmd
+from tests.support.hub import HubServer
+from tests.support.sshd import Sshd, environment_for, keygen, sshd_available
+
+pytestmark = pytest.mark.skipif(sshd_available() is not None, reason=str(sshd_available()))
+
+
+async def until(predicate, timeout: float, what: str) -> float:
+    """Wait for `predicate()` to hold; return how long it took."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+class Site:
+    """Two SSH pools (two sshd on loopback), each with its own home and models dir."""
+
+    def __init__(self, root: Path, hub: HubServer) -> None:
+        self.key = keygen(root / "client_key")
+        self.sshd: dict[str, Sshd] = {}
+        self.pools: dict[str, PoolConfig] = {}
+        hive = str(BIN / "rbee-hive") if (BIN / "rbee-hive").exists() else " ".join(hive_cmd())
+        for name in ("pool-a", "pool-b"):
+            sshd = Sshd(root / name, self.key, env=environment_for(root / f"home-{name}", hub.url)).start()
+            self.sshd[name] = sshd
+            self.pools[name] = PoolConfig(
+                name=name,
+                transport="ssh",
+                host="127.0.0.1",
+                port=sshd.port,
+                user=getpass.getuser(),
+                identity_file=str(self.key),
+                known_hosts=str(sshd.known_hosts),
+                models_dir=str(root / f"home-{name}" / "models"),
+                hive_command=hive,
+            )
+
+    def stop(self) -> None:
+        for s in self.sshd.values():
+            s.stop()
+
+
+@pytest.fixture
+def site(tmp_path: Path, hub: HubServer) -> Iterator[Site]:
+    s = Site(tmp_path, hub)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+async def clients(site: Site) -> AsyncIterator[dict[str, PoolClient]]:
+    out = {
+        name: PoolClient(pool, sample_interval=0.5, keepalive_interval=2, keepalive_count_max=3, max_backoff=1)
+        for name, pool in site.pools.items()
+    }
+    for c in out.values():
+        c.start()
+    for c in out.values():
+        await c.wait_connected(30)
+    yield out
+    for c in out.values():
+        try:
+            if c.view.state == CONNECTED:
+                for w in await c.workers():
+                    await c.stop_worker(w["id"])
+        finally:
+            await c.close()
+
+
+async def test_catalog_download_spawn_execute_stop_through_ssh(
+    clients: dict[str, PoolClient], hub: HubServer, medium_gguf: Path, site: Site
+) -> None:
+    a, b = clients["pool-a"], clients["pool-b"]
+    cat_a, cat_b = await asyncio.gather(a.hive("models", "catalog"), b.hive("models", "catalog"))
+    assert (cat_a["pool_id"], cat_b["pool_id"]) == ("pool-a", "pool-b")
+    assert Path(site.pools["pool-a"].models_dir, "catalog.json").exists()
+
+    hub.add("rbee-test/medium-GGUF", "medium.gguf", data=medium_gguf.read_bytes())
+    await b.hive("models", "register", "medium", "--repo", "rbee-test/medium-GGUF", "--file", "medium.gguf")
+    events = [e async for e in b.hive_stream("models", "download", "medium")]
+    assert events[-1]["event"] == "done" and events[-1]["size_bytes"] == medium_gguf.stat().st_size
+    assert any(e["event"] == "progress" for e in events)
+
+    w = await a.spawn_worker("cpu", "tiny-test")
+    assert w["state"] == "ready"
+    # The worker listens on the node's loopback only; we reach it through the SSH connection.
+    assert w["client_url"] != w["url"]
+    async with aiohttp.ClientSession() as session:
+        out = [
+            ev
+            async for ev in execute(
+                session, w["client_url"], w["engine"], {"prompt": "Hello through a tunnel", "max_tokens": 8, "seed": 3}
+            )
+        ]
+    assert out[-1]["event"] == "done" and out[-1]["tokens_generated"] == 8
+    assert "worker-cpu-0" in a.tunnels
+    stopped = await a.stop_worker(w["id"])
+    assert stopped["stopped"] and "worker-cpu-0" not in a.tunnels
+    with pytest.raises(aiohttp.ClientError):
+        async with aiohttp.ClientSession() as session, session.get(f"{w['client_url']}/health") as resp:
+            await resp.read()
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+async def test_metrics_stream_agrees_with_the_kernel(clients: dict[str, PoolClient]) -> None:
+    a = clients["pool-a"]
+    await until(lambda: len(a.view.history) >= 3, 30, "three samples")
+    w = await a.spawn_worker("cpu", "tiny-test")
+    await until(
+        lambda: any(x["alive"] and x["rss_bytes"] for x in (a.view.last_sample or {}).get("workers", [])),
+        30,
+        "the worker in the samples",
+    )
+    sample = a.view.last_sample
+    assert sample is not None
+    mem = _meminfo()
+    used = mem["MemTotal"] - mem["MemAvailable"]
+    assert sample["ram"]["total"] == mem["MemTotal"]
+    assert abs(sample["ram"]["used"] - used) <= 0.02 * mem["MemTotal"]
+    load = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    for ours, kernel in zip(sample["load"], load, strict=True):
+        assert abs(ours - kernel) <= 0.02 * max(kernel, 1.0)
+    assert 0.0 <= sample["cpu"]["percent"] <= 100.0 and len(sample["cpu"]["per_core"]) == os.cpu_count()
+    assert sample["swap"]["total"] >= 0 and "rx_bps" in sample["net"]
+    assert ("gpus" in sample) != ("gpus_reason" in sample), "no GPU must be said, not hidden"
+    assert sample["agent_cpu_ms"] < 1000
+    row = next(x for x in sample["workers"] if x["id"] == w["id"])
+    assert row["rss_bytes"] > 10_000_000 and row["pid"] == w["worker_pid"]
+    assert len(a.view.history) <= a.view.history.maxlen
+    assert a.view.history.maxlen >= 600
+
+
+async def test_a_dead_pool_is_lost_and_comes_back_by_itself(clients: dict[str, PoolClient], site: Site) -> None:
+    a, b = clients["pool-a"], clients["pool-b"]
+    w = await a.spawn_worker("cpu", "tiny-test")
+    await until(lambda: len(b.view.history) >= 2, 30, "pool-b samples")
+    site.sshd["pool-a"].kill()  # the machine's sshd and every session under it die; the worker is detached
+    took = await until(lambda: a.view.state != CONNECTED, 15, "pool-a to be lost")
+    assert took < 15
+    b_before = len(b.view.history)
+    with pytest.raises(RbeeError, match="pool-a"):
+        await a.hive("models", "catalog")  # fails at once with the reason, blocks nothing
+    await until(lambda: len(b.view.history) >= b_before + 2, 10, "pool-b to keep streaming")
+    assert b.view.state == CONNECTED
+
+    site.sshd["pool-a"].start()
+    await until(lambda: a.view.state == CONNECTED, 30, "pool-a to reconnect")
+    samples = len(a.view.history)
+    await until(lambda: len(a.view.history) >= samples + 2, 15, "pool-a to stream again")
+    workers = await a.workers()
+    assert [x["id"] for x in workers] == [w["id"]], "the worker was adopted, not spawned again"
+    assert workers[0]["pid"] == w["pid"] and workers[0]["state"] == "ready"
+    assert w["id"] in a.tunnels, "its tunnel came back by itself"
+    url = await a.worker_url(workers[0])
+    async with aiohttp.ClientSession() as session:
+        out = [
+            ev async for ev in execute(session, url, "llama-cpp-python", {"prompt": "still there?", "max_tokens": 4})
+        ]
+    assert out[-1]["tokens_generated"] == 4
+
+
+async def test_a_silent_link_is_caught_by_keepalives(clients: dict[str, PoolClient], site: Site) -> None:
+    a = clients["pool-a"]
+    site.sshd["pool-a"].freeze()
+    try:
+        took = await until(lambda: a.view.state != CONNECTED, 15, "keepalives to notice")
+        assert took < 15
+        assert clients["pool-b"].view.state == CONNECTED
+    finally:
+        site.sshd["pool-a"].thaw()
+    await until(lambda: a.view.state == CONNECTED, 30, "pool-a to reconnect")
+
+
+async def test_unknown_and_changed_host_keys_are_refused(site: Site, tmp_path: Path) -> None:
+    pool = site.pools["pool-a"]
+    unknown = replace(pool, known_hosts=str(tmp_path / "empty_known_hosts"))
+    c = PoolClient(unknown, max_backoff=1)
+    c.start()
+    await until(lambda: c.view.state == LOST, 15, "a refusal")
+    assert "is unknown (SHA256:" in c.view.reason
+    await c.close()
+    fingerprint = await trust(unknown)
+    assert fingerprint.startswith("SHA256:")
+    c = PoolClient(unknown)
+    c.start()
+    await c.wait_connected(30)
+    await c.close()
+
+    other = keygen(tmp_path / "other_host_key")
+    pub = Path(f"{other}.pub").read_text().split()
+    changed = tmp_path / "changed_known_hosts"
+    changed.write_text(f"[127.0.0.1]:{pool.port} {pub[0]} {pub[1]}\n")
+    c = PoolClient(replace(pool, known_hosts=str(changed)), max_backoff=1)
+    c.start()
+    await until(lambda: c.view.state == LOST, 15, "a refusal")
+    assert "CHANGED" in c.view.reason and "ssh-keygen -R" in c.view.reason
+    await c.close()
+
+
+async def test_shell_characters_never_reach_a_shell(clients: dict[str, PoolClient], tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    a = clients["pool-a"]
+    with pytest.raises(RbeeError, match="invalid model id"):
+        await a.hive("worker", "spawn", "cpu", "--model", f"x; touch {canary}")
+    with pytest.raises(RbeeError, match="invalid model id"):
+        await a.hive("models", "register", f"$(touch {canary})", "--repo", "a/b", "--file", "m.gguf")
+    assert not canary.exists()
+    with pytest.raises(RbeeError, match="invalid host name"):
+        PoolClient(replace(a.pool, host=f"127.0.0.1; touch {canary}"))
+    assert not canary.exists()
+
+
+async def test_many_calls_at_once_stay_under_max_sessions(clients: dict[str, PoolClient]) -> None:
+    a = clients["pool-a"]
+    results = await asyncio.gather(*[a.hive("models", "list") for _ in range(24)])
+    assert all(r["pool_id"] == "pool-a" for r in results)
+
+
+def test_fan_out_cli(site: Site, tmp_path: Path) -> None:
+    import tomli_w
+
+    cfg = tmp_path / "config.toml"
+    pools = [{"name": "local", "transport": "local", "models_dir": str(tmp_path / "local-models")}]
+    for p in site.pools.values():
+        pools.append({k: v for k, v in p.to_toml().items()})
+    cfg.write_text(tomli_w.dumps({"pools": pools}))
+    tui = [sys.executable, "-m", "rbee_tui.cli", "--config", str(cfg)]
+    site.sshd["pool-b"].kill()
+    proc = subprocess.run([*tui, "pools", "status", "--json"], capture_output=True, text=True, timeout=120)
+    doc = json.loads(proc.stdout)
+    by_name = {p["name"]: p for p in doc["pools"]}
+    assert by_name["local"]["state"] == "connected" and by_name["pool-a"]["state"] == "connected"
+    assert by_name["pool-b"]["state"] == "lost" and "cannot connect" in by_name["pool-b"]["reason"]
+    assert by_name["pool-a"]["status"]["pool_id"] == "pool-a"
+    assert proc.returncode == 1, "a lost pool makes the status command fail"
+    human = subprocess.run([*tui, "pools", "status"], capture_output=True, text=True, timeout=120).stdout
+    assert "pool-a" in human and "connected" in human and "lost" in human
+    cat = subprocess.run(
+        [*tui, "pool", "pool-a", "models", "catalog", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert cat.returncode == 0, cat.stderr
+    assert json.loads(cat.stdout)["pool_id"] == "pool-a"
+    table = subprocess.run([*tui, "pool", "pool-a", "models", "catalog"], capture_output=True, text=True, timeout=120)
+    assert "Model Catalog for pool-a" in table.stdout
+    bad = subprocess.run([*tui, "pool", "pool-b", "worker", "list"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "cannot connect" in bad.stderr
