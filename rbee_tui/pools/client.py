@@ -58,7 +58,7 @@ class PoolClient:
         pool: PoolConfig,
         *,
         sample_interval: float = 1.0,
-        keepalive_interval: float = 5.0,
+        keepalive_interval: float = 4.0,
         keepalive_count_max: int = 2,
         max_backoff: float = 30.0,
         missed_samples: int = 5,

@@ -120,7 +120,7 @@ class SSHTransport:
     kind = "ssh"
 
     def __init__(
-        self, pool: PoolConfig, keepalive_interval: float = 5.0, keepalive_count_max: int = 2, max_sessions: int = 8
+        self, pool: PoolConfig, keepalive_interval: float = 4.0, keepalive_count_max: int = 2, max_sessions: int = 8
     ) -> None:
         self.check(pool)
         self.pool = pool

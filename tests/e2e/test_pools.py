@@ -284,3 +284,32 @@ def test_fan_out_cli(site: Site, tmp_path: Path) -> None:
     assert "Model Catalog for pool-a" in table.stdout
     bad = subprocess.run([*tui, "pool", "pool-b", "worker", "list"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "cannot connect" in bad.stderr
+
+
+async def test_a_missed_sample_is_not_a_lost_pool(clients: dict[str, PoolClient], site: Site) -> None:
+    import psutil
+
+    a = clients["pool-a"]
+    await until(lambda: len(a.view.history) >= 2, 30, "samples")
+    [metrics] = [p for p in site.sshd["pool-a"].tree() if "metrics" in " ".join(p.cmdline())]
+    metrics.suspend()  # the sampler stalls for a few intervals (a busy node), the link stays fine
+    try:
+        await asyncio.sleep(a.sample_interval * 4)
+        assert a.view.state == CONNECTED
+    finally:
+        metrics.resume()
+    count = len(a.view.history)
+    await until(lambda: len(a.view.history) > count, 10, "samples to flow again")
+    assert a.view.state == CONNECTED and psutil.pid_exists(metrics.pid), "the same stream carried on"
+
+
+async def test_a_missing_agent_names_the_install_command(site: Site) -> None:
+    pool = replace(site.pools["pool-a"], hive_command="/nonexistent/rbee-hive")
+    c = PoolClient(pool, max_backoff=1)
+    c.start()
+    try:
+        assert await c.first_outcome(30) == LOST
+        assert "rbee-hive is not installed on pool-a" in c.view.reason
+        assert "pip install" in c.view.reason
+    finally:
+        await c.close()
