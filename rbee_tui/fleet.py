@@ -1,0 +1,289 @@
+"""The dashboard's service layer: every pool's client, downloads, workers and prompts. No UI imports here.
+
+The app calls these methods and renders what they report through one callback of `FleetEvent`s; it never
+does I/O itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from rbee_tui import config as cfgmod
+from rbee_tui.config import Config, PoolConfig
+from rbee_tui.errors import RbeeError
+from rbee_tui.names import check_backends, check_id, check_repo, check_repo_file
+from rbee_tui.pools.client import PoolClient, PoolEvent
+from rbee_tui.worker.client import execute
+
+
+@dataclass
+class Download:
+    """One download as the Downloads pane lists it; finished and failed ones stay listed."""
+
+    pool: str
+    model: str
+    state: str = "starting"  # starting, running, done, failed, cancelled
+    bytes_done: int = 0
+    bytes_total: int = 0
+    speed_bps: float = 0.0
+    eta_s: float | None = None
+    error: str = ""
+    started: float = field(default_factory=time.time)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def key(self) -> str:
+        """Unique per pool and model."""
+        return f"{self.pool}/{self.model}"
+
+
+@dataclass
+class FleetEvent:
+    """Something the screen should re-render: `kind` is state, sample, workers, catalog, download, error."""
+
+    kind: str
+    pool: str = ""
+    data: Any = None
+
+
+class Fleet:
+    """Owns a PoolClient per configured pool, and the work the dashboard starts on them."""
+
+    def __init__(self, config: Config, on_event: Callable[[FleetEvent], None], **client_options: Any) -> None:
+        self.config = config
+        self.on_event = on_event
+        self.client_options = client_options
+        self.clients: dict[str, PoolClient] = {}
+        self.catalogs: dict[str, dict[str, Any]] = {}
+        self.downloads: dict[str, Download] = {}
+        self.last_tps: dict[tuple[str, str], float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        for pool in config.pools:
+            self._add_client(pool)
+
+    def _add_client(self, pool: PoolConfig) -> PoolClient:
+        client = PoolClient(pool, **self.client_options)
+        client.listeners.append(self._relay)
+        self.clients[pool.name] = client
+        return client
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)  # keep a reference: the loop holds tasks weakly
+        task.add_done_callback(self._tasks.discard)
+
+    def _relay(self, event: PoolEvent) -> None:
+        self.on_event(FleetEvent(event.kind, event.pool, event.data))
+        if event.kind == "state" and event.data[0] == "connected":
+            self._background(self._quietly(self.refresh_catalog(event.pool)))
+
+    async def _quietly(self, coro: Any) -> None:
+        try:
+            await coro
+        except RbeeError as exc:
+            self.on_event(FleetEvent("error", "", str(exc)))
+
+    def start(self) -> None:
+        """Connect every pool in the background."""
+        for client in self.clients.values():
+            client.start()
+
+    async def close(self) -> None:
+        """Cancel downloads in flight and close every connection."""
+        for d in self.downloads.values():
+            if d.task is not None and not d.task.done():
+                d.task.cancel()
+        await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
+
+    def client(self, pool: str) -> PoolClient:
+        """The client of `pool`."""
+        if pool not in self.clients:
+            raise RbeeError(f"no pool named {pool!r}")
+        return self.clients[pool]
+
+    # -- catalog ------------------------------------------------------------------------------------------
+
+    async def refresh_catalog(self, pool: str) -> dict[str, Any]:
+        """Fetch a pool's catalog and report it."""
+        doc = await self.client(pool).hive("models", "catalog")
+        self.catalogs[pool] = doc
+        self.on_event(FleetEvent("catalog", pool, doc))
+        return doc
+
+    def pools_having(self, model_id: str) -> list[str]:
+        """Pools whose catalog has `model_id` downloaded."""
+        return [
+            p
+            for p, doc in self.catalogs.items()
+            if any(m["id"] == model_id and m["downloaded"] for m in doc.get("models", []))
+        ]
+
+    async def register(
+        self, pool: str, model_id: str, repo: str, file: str, name: str = "", architecture: str = "", backends: str = ""
+    ) -> None:
+        """Register a model on a pool, validating the fields here first."""
+        check_id(model_id)
+        check_repo(repo)
+        check_repo_file(file)
+        args = ["models", "register", model_id, "--repo", repo, "--file", file]
+        if name:
+            args += ["--name", name]
+        if architecture:
+            args += ["--architecture", architecture]
+        if backends:
+            check_backends([b.strip() for b in backends.split(",") if b.strip()])
+            args += ["--backends", ",".join(b.strip() for b in backends.split(",") if b.strip())]
+        await self.client(pool).hive(*args)
+        await self.refresh_catalog(pool)
+
+    async def unregister(self, pool: str, model_id: str) -> None:
+        """Remove a model from a pool's catalog."""
+        await self.client(pool).hive("models", "unregister", check_id(model_id))
+        await self.refresh_catalog(pool)
+
+    async def verify(self, pool: str, model_id: str) -> dict[str, Any]:
+        """Re-check a model's files on a pool."""
+        try:
+            result = await self.client(pool).hive("models", "verify", check_id(model_id))
+        finally:
+            await self.refresh_catalog(pool)
+        return result
+
+    # -- downloads ----------------------------------------------------------------------------------------
+
+    def download(self, pool: str, model_id: str) -> Download:
+        """Start downloading a model on a pool (in the background); a running one is returned as it is."""
+        check_id(model_id)
+        key = f"{pool}/{model_id}"
+        current = self.downloads.get(key)
+        if current is not None and current.state in ("starting", "running"):
+            return current
+        d = Download(pool, model_id)
+        self.downloads[key] = d
+        d.task = asyncio.create_task(self._run_download(d), name=f"download:{key}")
+        self.on_event(FleetEvent("download", pool, d))
+        return d
+
+    async def _run_download(self, d: Download) -> None:
+        try:
+            async for ev in self.client(d.pool).hive_stream("models", "download", d.model):
+                if ev.get("event") == "progress":
+                    d.state = "running"
+                    d.bytes_done, d.bytes_total = ev["bytes_done"], ev["bytes_total"]
+                    d.speed_bps, d.eta_s = ev["speed_bps"], ev["eta_s"]
+                elif ev.get("event") == "done":
+                    d.state = "done"
+                    d.bytes_done = d.bytes_total = ev["size_bytes"]
+                    d.eta_s = 0.0
+                elif ev.get("event") in ("error", "cancelled"):
+                    d.state = "failed" if ev["event"] == "error" else "cancelled"
+                    d.error = ev.get("error", "")
+                self.on_event(FleetEvent("download", d.pool, d))
+            if d.state not in ("done", "failed", "cancelled"):
+                d.state, d.error = "failed", "the download ended without a result"
+        except asyncio.CancelledError:
+            d.state, d.error = "cancelled", "cancelled; the bytes received are kept for a resume"
+        except RbeeError as exc:
+            d.state, d.error = "failed", str(exc)
+        self.on_event(FleetEvent("download", d.pool, d))
+        if d.state == "failed":
+            self.on_event(FleetEvent("error", d.pool, f"download of {d.model} failed: {d.error}"))
+        with contextlib.suppress(RbeeError):
+            await self.refresh_catalog(d.pool)
+
+    def cancel_download(self, key: str) -> None:
+        """Stop a download; its bytes stay on the node for the next attempt."""
+        d = self.downloads.get(key)
+        if d is not None and d.task is not None and not d.task.done():
+            d.task.cancel()
+
+    # -- workers ------------------------------------------------------------------------------------------
+
+    async def spawn(self, pool: str, backend: str, model_id: str, gpu: int = 0) -> dict[str, Any]:
+        """Spawn a worker and wait until it is ready (its loading shows in the workers list meanwhile)."""
+        client = self.client(pool)
+        check_backends([backend])
+        args = ["worker", "spawn", backend, "--model", check_id(model_id), "--gpu", str(int(gpu)), "--json"]
+        w = await client.hive(*args)
+        await client.workers()
+        try:
+            await self._wait_ready(client, w["id"])
+        finally:
+            await client.workers()
+        return w
+
+    async def _wait_ready(self, client: PoolClient, worker_id: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = await client.workers()
+            w = next((x for x in workers if x["id"] == worker_id), None)
+            if w is None:
+                raise RbeeError(f"worker {worker_id} disappeared")
+            if w["state"] in ("ready", "busy"):
+                return
+            if w["state"] == "exited":
+                raise RbeeError(f"worker {worker_id} died while starting: {w.get('reason', '')}")
+            await asyncio.sleep(0.25)
+        raise RbeeError(f"worker {worker_id} was not ready after {timeout:.0f}s")
+
+    async def stop(self, pool: str, worker_id: str) -> None:
+        """Stop a worker."""
+        await self.client(pool).stop_worker(worker_id)
+
+    async def prompt(self, pool: str, worker_id: str, text: str, max_tokens: int = 64) -> AsyncIterator[dict[str, Any]]:
+        """Stream a reply from a worker: token events, then the summary."""
+        import aiohttp
+
+        client = self.client(pool)
+        worker = next((w for w in client.view.workers if w["id"] == worker_id), None)
+        if worker is None:
+            raise RbeeError(f"no worker {worker_id} on {pool}")
+        url = await client.worker_url(worker)
+        body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0.7}
+        async with aiohttp.ClientSession() as session:
+            try:
+                async for ev in execute(session, url, worker["engine"], body):
+                    if ev["event"] == "done":
+                        self.last_tps[(pool, worker_id)] = ev["tokens_per_sec"]
+                    yield ev
+            except (aiohttp.ClientError, RuntimeError) as exc:
+                raise RbeeError(f"{worker_id}: {exc}") from None
+
+    async def log_lines(self, pool: str, worker_id: str) -> AsyncIterator[str]:
+        """A worker's log, then its new lines as they come."""
+        async for ev in self.client(pool).hive_stream("worker", "logs", check_id(worker_id, "worker id"), "--follow"):
+            if "line" in ev:
+                yield ev["line"]
+
+    # -- config -------------------------------------------------------------------------------------------
+
+    def save_pool(self, pool: PoolConfig) -> None:
+        """Add or replace a pool in the config file and connect to it."""
+        self.config = self.config.with_pool(pool)
+        cfgmod.save(self.config)
+        old = self.clients.pop(pool.name, None)
+        if old is not None:
+            self._background(old.close())
+        self._add_client(pool).start()
+
+    async def trust(self, pool: str) -> str:
+        """Accept a pool's current host key (the user saw its fingerprint); the pool then reconnects."""
+        from rbee_tui.pools.hostkeys import trust
+
+        return await trust(self.client(pool).pool)
+
+    async def host_key_fingerprint(self, pool: str) -> str:
+        """The fingerprint of the key a pool's server presents."""
+        from rbee_tui.pools.hostkeys import server_key
+
+        return (await server_key(self.client(pool).pool)).get_fingerprint("sha256")
+
+    def set_theme(self, theme: str) -> None:
+        """Remember the theme in the config file."""
+        self.config = replace(self.config, theme=theme)
+        cfgmod.save(self.config)

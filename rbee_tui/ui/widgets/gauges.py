@@ -1,0 +1,164 @@
+"""Gauges of one pool: bars with numbers, colour by threshold, and sparklines of the recent history."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, VerticalScroll
+from textual.widget import Widget
+from textual.widgets import Label, ProgressBar, Sparkline, Static
+
+from rbee_tui.ui.format import gib, level, rate
+
+HISTORY_POINTS = 120  # the sparkline shows the last two minutes at 1 Hz
+
+
+class Gauge(Widget):
+    """One reading: its name, a bar, its value in words, and a sparkline of its history."""
+
+    DEFAULT_CSS = """
+    Gauge { height: 2; layout: vertical; }
+    Gauge > Horizontal { height: 1; }
+    Gauge .gauge-name { width: 14; }
+    Gauge ProgressBar { width: 34; }
+    Gauge .gauge-value { width: 1fr; }
+    Gauge Sparkline { height: 1; margin-left: 14; width: 34; }
+    """
+
+    def __init__(self, name: str, warn: float = 80.0, crit: float = 90.0, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.label = name
+        self.warn, self.crit = warn, crit
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            yield Label(self.label, classes="gauge-name")
+            yield ProgressBar(total=100, show_eta=False, show_percentage=False)
+            yield Label("unknown", classes="gauge-value")
+        yield Sparkline([], summary_function=max)
+
+    def show(self, percent: float | None, text: str, history: Iterable[float] = ()) -> None:
+        """Render a reading: `percent` fills the bar (None means not reported), `text` says the numbers."""
+        bar = self.query_one(ProgressBar)
+        bar.update(progress=percent or 0.0)
+        self.query_one(".gauge-value", Label).update(text)
+        for cls in ("-warn", "-crit", "-unknown"):
+            self.remove_class(cls)
+        cls = "-unknown" if percent is None else level(percent, self.warn, self.crit)
+        if cls:
+            self.add_class(cls)
+        self.query_one(Sparkline).data = list(history)[-HISTORY_POINTS:] or [0.0]
+
+
+def _pct(used: float | None, total: float | None) -> float | None:
+    return None if not total or used is None else 100.0 * used / total
+
+
+class GaugesPane(VerticalScroll):
+    """All the gauges of the selected pool, redrawn from its latest sample and history."""
+
+    def compose(self) -> ComposeResult:
+        yield Static("waiting for the first sample…", id="gauges-note")
+        yield Gauge("RAM", id="g-ram")
+        yield Gauge("Swap", warn=25, crit=60, id="g-swap")
+        yield Gauge("CPU", id="g-cpu")
+        yield Gauge("Load (1m)", warn=70, crit=100, id="g-load")
+        yield Gauge("CPU temp", warn=80, crit=90, id="g-temp")
+        yield Gauge("Disk I/O", warn=101, crit=101, id="g-disk")
+        yield Gauge("Network", warn=101, crit=101, id="g-net")
+        yield VerticalScroll(id="gpu-gauges")
+
+    def render_sample(self, sample: dict[str, Any] | None, history: list[dict[str, Any]], cpus: int) -> None:
+        """Redraw every gauge."""
+        note = self.query_one("#gauges-note", Static)
+        if sample is None:
+            note.update("waiting for the first sample…")
+            return
+        note.update("")
+        ram, swap = sample["ram"], sample["swap"]
+        self.query_one("#g-ram", Gauge).show(
+            ram["percent"],
+            f"{gib(ram['used'])} / {gib(ram['total'])}  {ram['percent']:.0f}%",
+            [h["ram"]["percent"] for h in history],
+        )
+        swap_pct = _pct(swap["used"], swap["total"])
+        self.query_one("#g-swap", Gauge).show(
+            swap_pct,
+            f"{gib(swap['used'])} / {gib(swap['total'])}" if swap["total"] else "no swap",
+            [_pct(h["swap"]["used"], h["swap"]["total"]) or 0.0 for h in history],
+        )
+        self.query_one("#g-cpu", Gauge).show(
+            sample["cpu"]["percent"],
+            f"{sample['cpu']['percent']:.0f}% of {len(sample['cpu']['per_core'])} cores",
+            [h["cpu"]["percent"] for h in history],
+        )
+        load = sample["load"][0]
+        self.query_one("#g-load", Gauge).show(
+            min(100.0, 100.0 * load / max(cpus, 1)),
+            f"{load:.2f} (5m {sample['load'][1]:.2f}, 15m {sample['load'][2]:.2f})",
+            [100.0 * h["load"][0] / max(cpus, 1) for h in history],
+        )
+        temp = sample["temps"].get("cpu_c")
+        self.query_one("#g-temp", Gauge).show(
+            temp,
+            f"{temp:.0f} °C" if temp is not None else sample["temps"].get("cpu_reason", "not reported"),
+            [h["temps"].get("cpu_c") or 0.0 for h in history],
+        )
+        disk = sample.get("disk")
+        self.query_one("#g-disk", Gauge).show(
+            None if disk is None else min(100.0, (disk["read_bps"] + disk["write_bps"]) / 5e6),
+            "not reported" if disk is None else f"read {rate(disk['read_bps'])}  write {rate(disk['write_bps'])}",
+            [((h.get("disk") or {}).get("read_bps", 0) + (h.get("disk") or {}).get("write_bps", 0)) for h in history],
+        )
+        net = sample["net"]
+        self.query_one("#g-net", Gauge).show(
+            min(100.0, (net["rx_bps"] + net["tx_bps"]) / 1.25e6),
+            f"in {rate(net['rx_bps'])}  out {rate(net['tx_bps'])}",
+            [h["net"]["rx_bps"] + h["net"]["tx_bps"] for h in history],
+        )
+        self._render_gpus(sample, history)
+
+    def _render_gpus(self, sample: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        box = self.query_one("#gpu-gauges", VerticalScroll)
+        gpus = sample.get("gpus") or []
+        wanted = [f"gpu{g['index']}-{kind}" for g in gpus for kind in ("vram", "util", "temp", "power")]
+        have = [w.id for w in box.query(Gauge)]
+        if have != wanted:
+            box.remove_children()
+            if not gpus:
+                box.mount(Static(f"GPUs: {sample.get('gpus_reason', 'none')}", classes="gpu-reason"))
+            for g in gpus:
+                i = g["index"]
+                box.mount(
+                    Gauge(f"GPU{i} VRAM", id=f"gpu{i}-vram"),
+                    Gauge(f"GPU{i} util", warn=101, crit=101, id=f"gpu{i}-util"),
+                    Gauge(f"GPU{i} temp", id=f"gpu{i}-temp"),
+                    Gauge(f"GPU{i} power", warn=101, crit=101, id=f"gpu{i}-power"),
+                )
+            self.call_after_refresh(self._render_gpus, sample, history)
+            return
+        for g in gpus:
+            i = g["index"]
+            past = [(h.get("gpus") or [{}] * (i + 1))[i] if len(h.get("gpus") or []) > i else {} for h in history]
+            vram = _pct(g["memory_used"], g["memory_total"])
+            self.query_one(f"#gpu{i}-vram", Gauge).show(
+                vram,
+                f"{gib(g['memory_used'])} / {gib(g['memory_total'])}  {g['name']}",
+                [_pct(p.get("memory_used"), p.get("memory_total")) or 0.0 for p in past],
+            )
+            util = g["util_percent"]
+            self.query_one(f"#gpu{i}-util", Gauge).show(
+                util, "not reported" if util is None else f"{util:.0f}%", [p.get("util_percent") or 0.0 for p in past]
+            )
+            temp = g["temp_c"]
+            self.query_one(f"#gpu{i}-temp", Gauge).show(
+                temp, "not reported" if temp is None else f"{temp:.0f} °C", [p.get("temp_c") or 0.0 for p in past]
+            )
+            power = g["power_w"]
+            self.query_one(f"#gpu{i}-power", Gauge).show(
+                None if power is None else min(100.0, power / 7.0),
+                "not reported" if power is None else f"{power:.0f} W",
+                [p.get("power_w") or 0.0 for p in past],
+            )

@@ -1,0 +1,103 @@
+"""The pool list (name, state, one-line load) and the overview's compact pool cards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import Label, ListItem, ListView, ProgressBar, Static
+
+from rbee_tui.ui.format import level
+
+STATE_MARK = {"connected": "●", "connecting": "◌", "reconnecting": "◌", "lost": "✖"}
+
+
+def one_line(sample: dict[str, Any] | None) -> str:
+    """A pool's load in one line: RAM, CPU and VRAM percentages."""
+    if not sample:
+        return "no sample yet"
+    parts = [f"RAM {sample['ram']['percent']:.0f}%", f"CPU {sample['cpu']['percent']:.0f}%"]
+    for g in sample.get("gpus") or []:
+        if g.get("memory_total"):
+            parts.append(f"GPU{g['index']} {100 * g['memory_used'] / g['memory_total']:.0f}%")
+    return "  ".join(parts)
+
+
+class PoolItem(ListItem):
+    """One pool in the list."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(id=f"pool-{name}")
+        self.pool = name
+
+    def compose(self) -> ComposeResult:
+        yield Label(f"◌ {self.pool}", classes="pool-name")
+        yield Label("connecting", classes="pool-line")
+
+    def show(self, state: str, reason: str, sample: dict[str, Any] | None) -> None:
+        """Render state and load."""
+        self.query_one(".pool-name", Label).update(f"{STATE_MARK.get(state, '?')} {self.pool}")
+        line = one_line(sample) if state == "connected" else f"{state}: {reason}" if reason else state
+        self.query_one(".pool-line", Label).update(line)
+        self.set_class(state == "lost", "-lost")
+        self.set_class(state in ("connecting", "reconnecting"), "-pending")
+
+
+class PoolList(ListView):
+    """Pools, one per row; selecting one shows its panes."""
+
+    class Selected(Message):
+        """The user picked a pool."""
+
+        def __init__(self, pool: str) -> None:
+            super().__init__()
+            self.pool = pool
+
+    def __init__(self, pools: list[str]) -> None:
+        super().__init__(*[PoolItem(p) for p in pools], id="pools")
+
+    def on_list_view_highlighted(self, event: ListView.Highlighted) -> None:
+        if isinstance(event.item, PoolItem):
+            self.post_message(self.Selected(event.item.pool))
+
+    def item(self, pool: str) -> PoolItem | None:
+        """The row of `pool`."""
+        for child in self.query(PoolItem):
+            if child.pool == pool:
+                return child
+        return None
+
+
+class PoolCard(Vertical):
+    """A compact pool for the overview: state, RAM and VRAM bars, workers."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(id=f"card-{name}", classes="pool-card")
+        self.pool = name
+        self.border_title = name
+
+    def compose(self) -> ComposeResult:
+        yield Label("connecting", classes="card-state")
+        yield Label("RAM", classes="card-label")
+        yield ProgressBar(total=100, show_eta=False, classes="card-ram")
+        yield Label("VRAM", classes="card-label")
+        yield ProgressBar(total=100, show_eta=False, classes="card-vram")
+        yield Static("", classes="card-workers")
+
+    def show(self, state: str, reason: str, sample: dict[str, Any] | None, workers: list[dict[str, Any]]) -> None:
+        """Render the card."""
+        self.query_one(".card-state", Label).update(state if not reason else f"{state}: {reason}")
+        self.set_class(state == "lost", "-lost")
+        ram = sample["ram"]["percent"] if sample else 0.0
+        self.query_one(".card-ram", ProgressBar).update(progress=ram)
+        self.set_class(level(ram, 80, 90) == "-crit", "-ram-crit")
+        gpus = (sample or {}).get("gpus") or []
+        used = sum(g.get("memory_used") or 0 for g in gpus)
+        total = sum(g.get("memory_total") or 0 for g in gpus)
+        self.query_one(".card-vram", ProgressBar).update(progress=100.0 * used / total if total else 0.0)
+        live = [w for w in workers if w.get("state") != "exited"]
+        self.query_one(".card-workers", Static).update(
+            f"{len(live)} worker(s): " + ", ".join(f"{w['id']} {w['state']}" for w in live) if live else "no workers"
+        )
