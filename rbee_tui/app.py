@@ -11,7 +11,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
 
 from rbee_tui.catalog import human_size
@@ -152,9 +152,11 @@ class RbeeApp(App[None]):
             return
         if ev.kind == "state" and ev.data[0] == "lost" and "is unknown (SHA256:" in ev.data[1]:
             self.ask_host_key(ev.pool)
-        self.render_pool_row(ev.pool)
         if isinstance(self.screen, OverviewScreen):
             self.render_card(ev.pool)
+        if self.screen is not self.screen_stack[0] and not isinstance(self.screen, ModalScreen):
+            return  # the main screen is covered: it is redrawn whole when it shows again
+        self.render_pool_row(ev.pool)
         if ev.pool != self.selected:
             return
         if ev.kind == "catalog":
@@ -218,7 +220,7 @@ class RbeeApp(App[None]):
         rows = {r["id"]: r for r in (view.last_sample or {}).get("workers", [])}
         keep = table.cursor_row
         table.clear()
-        for w in view.workers:
+        for w in [*view.workers, *self.fleet.pending.get(self.selected, [])]:
             live = rows.get(w["id"], {})
             rss = live.get("rss_bytes", w.get("rss_bytes"))
             vram = live.get("vram_bytes")
@@ -277,17 +279,27 @@ class RbeeApp(App[None]):
         """Show a pane."""
         self.query_one(TabbedContent).active = tab
 
+    def show(self, screen: Screen[Any]) -> None:
+        """Cover the main screen; redraw it whole when it shows again."""
+        self.push_screen(screen, lambda _: self.call_after_refresh(self.redraw_main))
+
+    def redraw_main(self) -> None:
+        """The main screen, as the service layer knows things now."""
+        for pool in self.fleet.clients:
+            self.render_pool_row(pool)
+        self.render_all()
+
     def action_help(self) -> None:
         """Keys and what they do."""
-        self.push_screen(HelpScreen())
+        self.show(HelpScreen())
 
     def action_errors(self) -> None:
         """Every error so far, with details."""
-        self.push_screen(ErrorLogScreen(self.errors))
+        self.show(ErrorLogScreen(self.errors))
 
     def action_overview(self) -> None:
         """All pools side by side."""
-        self.push_screen(OverviewScreen([p.name for p in self.fleet.config.pools]))
+        self.show(OverviewScreen([p.name for p in self.fleet.config.pools]))
         self.call_after_refresh(lambda: [self.render_card(p) for p in self.fleet.clients])
 
     def action_toggle_theme(self) -> None:
@@ -390,7 +402,7 @@ class RbeeApp(App[None]):
     def action_worker_log(self) -> None:
         """Follow the selected worker's log."""
         if (wid := self._row_key("#workers")) is not None:
-            self.push_screen(WorkerLogScreen(self.fleet, self.selected, wid))
+            self.show(WorkerLogScreen(self.fleet, self.selected, wid))
 
     def action_prompt(self) -> None:
         """Type a prompt for the selected worker."""

@@ -62,6 +62,7 @@ class Fleet:
         self.catalogs: dict[str, dict[str, Any]] = {}
         self.downloads: dict[str, Download] = {}
         self.last_tps: dict[tuple[str, str], float] = {}
+        self.pending: dict[str, list[dict[str, Any]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         for pool in config.pools:
             self._add_client(pool)
@@ -209,7 +210,23 @@ class Fleet:
         client = self.client(pool)
         check_backends([backend])
         args = ["worker", "spawn", backend, "--model", check_id(model_id), "--gpu", str(int(gpu)), "--json"]
-        w = await client.hive(*args)
+        # Shown at once as "spawning", so the table answers the click before the node does.
+        pending = {
+            "id": f"spawning-{model_id}",
+            "model": model_id,
+            "backend": backend,
+            "gpu": gpu,
+            "port": "-",
+            "state": "spawning",
+            "started_at": time.time(),
+            "engine": "-",
+        }
+        self.pending.setdefault(pool, []).append(pending)
+        self.on_event(FleetEvent("workers", pool, None))
+        try:
+            w = await client.hive(*args)
+        finally:
+            self.pending[pool].remove(pending)
         await client.workers()
         try:
             await self._wait_ready(client, w["id"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Every test gets its own XDG dirs, so nothing touches the real user's config or models."""
     home = tmp_path / "home"
     for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"), ("XDG_STATE_HOME", "state")):
@@ -31,7 +32,22 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
-    return home
+    yield home
+    _kill_workers(home)
+
+
+def _kill_workers(home: Path) -> None:
+    """Whatever a test left running (it failed before stopping its workers) is killed, group and all."""
+    import signal
+
+    for registry in home.rglob("workers.json"):
+        try:
+            workers = json.loads(registry.read_text()).get("workers", [])
+        except (OSError, ValueError):
+            continue
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(w["pid"], signal.SIGKILL)
 
 
 @pytest.fixture

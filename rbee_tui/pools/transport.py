@@ -76,10 +76,10 @@ class LocalTransport:
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise
+        finally:
+            if proc.returncode is None:  # timed out or cancelled: never leave the child behind
+                proc.kill()
+                await asyncio.shield(proc.wait())
         return proc.returncode or 0, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     async def stream(self, argv: list[str]) -> Stream:

@@ -19,7 +19,7 @@ from rbee_tui.ui.widgets.pools import PoolCard
 class OverviewScreen(Screen[None]):
     """Every pool side by side, as compact cards: for clusters of many machines."""
 
-    BINDINGS = [Binding("escape,o", "app.pop_screen", "Back")]
+    BINDINGS = [Binding("escape,o", "dismiss", "Back")]
 
     def __init__(self, pools: list[str]) -> None:
         super().__init__()
@@ -43,7 +43,7 @@ class OverviewScreen(Screen[None]):
 class WorkerLogScreen(Screen[None]):
     """A worker's log, following new lines until closed."""
 
-    BINDINGS = [Binding("escape,q", "app.pop_screen", "Back")]
+    BINDINGS = [Binding("escape,q", "dismiss", "Back")]
 
     def __init__(self, fleet: Any, pool: str, worker_id: str) -> None:
         super().__init__()
@@ -71,7 +71,7 @@ class WorkerLogScreen(Screen[None]):
 class ErrorLogScreen(Screen[None]):
     """Every error the dashboard reported, with its details."""
 
-    BINDINGS = [Binding("escape,q", "app.pop_screen", "Back")]
+    BINDINGS = [Binding("escape,q", "dismiss", "Back")]
 
     def __init__(self, errors: list[tuple[float, str]]) -> None:
         super().__init__()
@@ -120,7 +120,7 @@ Everything also works with the mouse, and **Ctrl+P** opens the command palette w
 class HelpScreen(Screen[None]):
     """Keys and what they do."""
 
-    BINDINGS = [Binding("escape,q,question_mark", "app.pop_screen", "Back")]
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Back")]
 
     def compose(self) -> ComposeResult:
         yield Header()

@@ -9,7 +9,7 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Label, ListItem, ListView, ProgressBar, Static
 
-from rbee_tui.ui.format import level
+from rbee_tui.ui.format import gib, level
 
 STATE_MARK = {"connected": "●", "connecting": "◌", "reconnecting": "◌", "lost": "✖"}
 
@@ -92,11 +92,14 @@ class PoolCard(Vertical):
         self.set_class(state == "lost", "-lost")
         ram = sample["ram"]["percent"] if sample else 0.0
         self.query_one(".card-ram", ProgressBar).update(progress=ram)
+        labels = list(self.query(".card-label").results(Label))
+        labels[0].update(f"RAM {gib(sample['ram']['used'])} / {gib(sample['ram']['total'])}" if sample else "RAM")
         self.set_class(level(ram, 80, 90) == "-crit", "-ram-crit")
         gpus = (sample or {}).get("gpus") or []
         used = sum(g.get("memory_used") or 0 for g in gpus)
         total = sum(g.get("memory_total") or 0 for g in gpus)
         self.query_one(".card-vram", ProgressBar).update(progress=100.0 * used / total if total else 0.0)
+        labels[1].update(f"VRAM {gib(used)} / {gib(total)}" if total else "VRAM: no GPU")
         live = [w for w in workers if w.get("state") != "exited"]
         self.query_one(".card-workers", Static).update(
             f"{len(live)} worker(s): " + ", ".join(f"{w['id']} {w['state']}" for w in live) if live else "no workers"

@@ -1,0 +1,74 @@
+"""The dashboard over two real SSH pools: both update live; one dying does not disturb the other."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rbee_tui.app import RbeeApp
+from rbee_tui.config import Config
+from rbee_tui.ui.widgets.pools import PoolList
+from tests.support.hub import HubServer
+from tests.support.site import Site
+from tests.support.sshd import sshd_available
+
+pytestmark = pytest.mark.skipif(sshd_available() is not None, reason=str(sshd_available()))
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    hub = HubServer().start()
+    s = Site(tmp_path, hub)
+    yield s
+    s.stop()
+    hub.stop()
+
+
+async def until(pilot, predicate, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def row_text(app: RbeeApp, pool: str) -> str:
+    item = app.query_one(PoolList).item(pool)
+    assert item is not None
+    return " ".join(str(label.render()) for label in item.query("Label"))
+
+
+async def test_two_pools_live_and_one_lost(site: Site) -> None:
+    config = Config(pools=tuple(site.pools.values()))
+    app = RbeeApp(config, sample_interval=0.5, keepalive_interval=2, keepalive_count_max=3, max_backoff=1)
+    async with app.run_test(size=(120, 40)) as pilot:
+        a, b = app.fleet.client("pool-a").view, app.fleet.client("pool-b").view
+        await until(pilot, lambda: len(a.history) >= 2 and len(b.history) >= 2, 30, "both pools to stream")
+        await until(
+            pilot,
+            lambda: "RAM" in row_text(app, "pool-a") and "RAM" in row_text(app, "pool-b"),
+            10,
+            "both rows to show their load",
+        )
+        await pilot.press("4")
+        site.sshd["pool-a"].kill()
+        took = await until(
+            pilot,
+            lambda: "lost" in row_text(app, "pool-a") or "reconnecting" in row_text(app, "pool-a"),
+            15,
+            "pool-a to show as lost",
+        )
+        assert took < 15
+        before = len(b.history)
+        await until(pilot, lambda: len(b.history) >= before + 3, 10, "pool-b to keep streaming")
+        assert "RAM" in row_text(app, "pool-b")
+        app.query_one(PoolList).index = 1  # pool-b's gauges keep moving on screen
+        await pilot.pause(0.2)
+        assert app.selected == "pool-b"
+        site.sshd["pool-a"].start()
+        await until(pilot, lambda: a.state == "connected", 30, "pool-a to come back")
+        await until(pilot, lambda: "RAM" in row_text(app, "pool-a"), 10, "pool-a's row to show its load again")
