@@ -93,6 +93,7 @@ async def test_download_spawn_prompt_stop(models_dir: Path, hub: HubServer, medi
         # Spawn from the dialog.
         await pilot.press("s")
         await until(pilot, lambda: isinstance(app.screen, SpawnDialog), what="the spawn dialog")
+        await pilot.pause(0.2)  # let the dialog lay out before clicking in it
         await pilot.click("#ok")
         states: list[str] = []
 
@@ -228,3 +229,48 @@ async def test_overview_shows_every_pool(models_dir: Path) -> None:
         await pilot.press("escape")
         await asyncio.sleep(0)
         assert app.screen.__class__.__name__ != "OverviewScreen"
+
+
+async def test_register_unregister_and_cancel_a_download(models_dir: Path, hub: HubServer, medium_gguf: Path) -> None:
+    hub.add("rbee-test/medium-GGUF", "medium.gguf", data=medium_gguf.read_bytes())
+    hub.throttle_bps = 500_000  # slow: there is time to cancel
+    app = RbeeApp(local_config(models_dir))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.query_one("#catalog", DataTable).row_count == 5, what="the catalog")
+        await pilot.press("n")
+        await pilot.pause()
+        for key, value in (
+            ("id", "medium"),
+            ("repo", "rbee-test/medium-GGUF"),
+            ("file", "medium.gguf"),
+            ("name", "Medium test model"),
+        ):
+            app.screen.query_one(f"#reg-{key}", Input).value = value
+        app.screen.query_one("#reg-file", Input).focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: "medium" in cells(app, "#catalog", 0), 30, "the new model in the catalog")
+        row = cells(app, "#catalog", 0).index("medium")
+        assert cells(app, "#catalog", 1)[row] == "Medium test model" and cells(app, "#catalog", 4)[row] == "❌"
+
+        app.query_one("#catalog", DataTable).move_cursor(row=row)
+        await pilot.press("d", "2")
+        pane = app.query_one(DownloadsPane)
+        await until(
+            pilot,
+            lambda: pane.query(DownloadItem) and pane.query_one(DownloadItem).has_class("-running"),
+            30,
+            "the download to run",
+        )
+        pane.focus()
+        pane.index = 0
+        await pilot.press("c")
+        await until(pilot, lambda: pane.query_one(DownloadItem).has_class("-cancelled"), 30, "the cancel")
+        assert app.fleet.downloads["local/medium"].state == "cancelled"
+        await pilot.press("1")
+        assert cells(app, "#catalog", 4)[cells(app, "#catalog", 0).index("medium")] == "❌"
+
+        app.query_one("#catalog", DataTable).move_cursor(row=cells(app, "#catalog", 0).index("medium"))
+        await pilot.press("x")
+        await pilot.pause(0.2)
+        await pilot.click("#ok")
+        await until(pilot, lambda: "medium" not in cells(app, "#catalog", 0), 30, "the model to be unregistered")

@@ -72,3 +72,20 @@ async def test_two_pools_live_and_one_lost(site: Site) -> None:
         site.sshd["pool-a"].start()
         await until(pilot, lambda: a.state == "connected", 30, "pool-a to come back")
         await until(pilot, lambda: "RAM" in row_text(app, "pool-a"), 10, "pool-a's row to show its load again")
+
+
+async def test_unknown_host_key_dialog(site: Site, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from rbee_tui.ui.screens.dialogs import HostKeyDialog
+
+    pool = replace(site.pools["pool-a"], known_hosts=str(tmp_path / "fresh_known_hosts"))
+    app = RbeeApp(Config(pools=(pool,)), sample_interval=0.5, max_backoff=1)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, HostKeyDialog), 30, "the host key dialog")
+        text = " ".join(str(w.render()) for w in app.screen.query("Label"))
+        assert "SHA256:" in text and "pool-a" in text
+        await pilot.pause(0.2)
+        await pilot.click("#ok")
+        await until(pilot, lambda: app.fleet.client("pool-a").view.state == "connected", 30, "the pool to connect")
+    assert "127.0.0.1" in (tmp_path / "fresh_known_hosts").read_text()
