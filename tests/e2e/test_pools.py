@@ -22,18 +22,9 @@ from rbee_tui.worker.client import execute
 from tests.support.hub import HubServer
 from tests.support.site import Site
 from tests.support.sshd import keygen, sshd_available
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.skipif(sshd_available() is not None, reason=str(sshd_available()))
-
-
-async def until(predicate, timeout: float, what: str) -> float:
-    """Wait for `predicate()` to hold; return how long it took."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if predicate():
-            return time.monotonic() - t0
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -16,16 +15,12 @@ from rbee_tui.ui.screens.dialogs import SpawnDialog
 from rbee_tui.ui.widgets.downloads import DownloadItem, DownloadsPane
 from rbee_tui.ui.widgets.gauges import Gauge
 from rbee_tui.ui.widgets.pools import PoolList
+from tests.support import waiting
 from tests.support.hub import HubServer
 
 
-async def until(pilot, predicate, timeout: float = 30, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+async def until(pilot, predicate, timeout: float = 30, what: str = "") -> float:
+    return await waiting.until(predicate, timeout, what, sleep=pilot.pause)
 
 
 def cells(app: RbeeApp, table_id: str, column: int) -> list[str]:

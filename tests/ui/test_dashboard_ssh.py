@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from rbee_tui.app import RbeeApp
 from rbee_tui.config import Config
 from rbee_tui.ui.widgets.pools import PoolList
+from tests.support import waiting
 from tests.support.hub import HubServer
 from tests.support.site import Site
 from tests.support.sshd import sshd_available
@@ -27,13 +27,8 @@ def site(tmp_path: Path) -> Iterator[Site]:
     hub.stop()
 
 
-async def until(pilot, predicate, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if predicate():
-            return time.monotonic() - t0
-        await pilot.pause(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+async def until(pilot, predicate, timeout: float = 30, what: str = "") -> float:
+    return await waiting.until(predicate, timeout, what, sleep=pilot.pause)
 
 
 def row_text(app: RbeeApp, pool: str) -> str:
