@@ -77,6 +77,7 @@ class PoolClient:
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self.connects = 0
+        self.version_note = ""
 
     # -- life ----------------------------------------------------------------------------------------------
 
@@ -148,7 +149,7 @@ class PoolClient:
                 continue
             backoff = 1.0
             self.connects += 1
-            self._set_state(CONNECTED)
+            self._set_state(CONNECTED, self.version_note)
             await self._readopt()
             reason = await self._watch()
             await self._drop_transport()
@@ -166,6 +167,13 @@ class PoolClient:
             )
         self.view.status = await self._call("status", timeout=30)
         self.view.status["agent_version_matches"] = version.get("agent_version") == __version__
+        self.version_note = ""
+        if version.get("agent_version") != __version__:
+            # Same protocol, other release: it works, but say so, with the command that aligns them.
+            self.version_note = (
+                f"rbee-hive {version.get('agent_version')} on the node, {__version__} here: "
+                f"python3 -m pip install --user rbee-tui=={__version__}"
+            )
 
     async def _watch(self) -> str:
         """Run the metrics stream until the connection ends; return why it ended."""

@@ -110,6 +110,15 @@ async def test_download_spawn_prompt_stop(models_dir: Path, hub: HubServer, medi
         await until(pilot, lambda: "tok/s" in str(app.query_one("#reply", Static).render()), 30, "a reply")
         await until(pilot, lambda: cells(app, "#workers", 9)[0] != "-", 10, "last tokens/s in the table")
 
+        # Its log follows.
+        app.query_one("#workers", DataTable).focus()
+        await pilot.press("l")
+        await until(pilot, lambda: app.screen.__class__.__name__ == "WorkerLogScreen", 10, "the log screen")
+        log = app.screen.query_one("#worker-log")
+        await until(pilot, lambda: any("model loaded" in str(line.text) for line in log.lines), 30, "the log lines")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is app.screen_stack[0], 10, "the main screen again")
+
         # Gauges show the numbers of the metrics stream.
         await pilot.press("4")
         view = app.fleet.client("local").view
