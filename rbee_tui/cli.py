@@ -26,6 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
     pool = sub.add_parser("pool", help="run rbee-hive commands on one pool (as `rbee-hive` would there)")
     pool.add_argument("name")
     pool.add_argument("hive_args", nargs=argparse.REMAINDER, metavar="models|worker|status|metrics ...")
+    matrix = sub.add_parser("matrix", help="the multi-model test matrix, headless")
+    msub = matrix.add_subparsers(dest="matrix_cmd", required=True, metavar="ACTION")
+    mrun = msub.add_parser("run", help="test every model on every pool and backend")
+    mrun.add_argument("--pools", help="comma-separated pool names (default: all)")
+    mrun.add_argument("--models", help="comma-separated model ids (default: those downloaded somewhere)")
+    mrun.add_argument("--export", default="md", help="formats to write: md,csv,json,html (default md)")
+    mrun.add_argument("--out", default=".", help="directory for the exports (default: here)")
+    mrun.add_argument("--db", help="results database (default: $XDG_DATA_HOME/rbee/results.db)")
+    mrun.add_argument("--max-tokens", type=int, default=16)
+    mexp = msub.add_parser("export", help="write the tables of a stored run")
+    mexp.add_argument("--run", type=int, help="run id (default: the latest)")
+    mexp.add_argument("--export", default="md,csv,json,html")
+    mexp.add_argument("--out", default=".")
+    mexp.add_argument("--db")
     trust = sub.add_parser("trust", help="accept a pool's SSH host key after checking its fingerprint")
     trust.add_argument("name")
     trust.add_argument("--yes", action="store_true", help="do not ask")
@@ -117,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
             return _pool_passthrough(cfg, args.name, args.hive_args)
         if args.cmd == "trust":
             return _trust(cfg, args.name, args.yes)
+        if args.cmd == "matrix":
+            from pathlib import Path
+
+            from rbee_tui.matrix import headless
+
+            if args.matrix_cmd == "run":
+                return headless.main_run(cfg, args)
+            return headless.export_run(
+                Path(args.db) if args.db else None, args.run, headless.parse_formats(args.export), Path(args.out)
+            )
         from rbee_tui.app import RbeeApp
 
         RbeeApp(cfg).run()

@@ -1,0 +1,1 @@
+"""The multi-model matrix: plan, scheduler, results store, exports. No UI imports here."""
