@@ -12,7 +12,7 @@ from typing import Any
 from rbee_tui.errors import RbeeError
 from rbee_tui.matrix.plan import MEMORY_MARGIN, Cell
 from rbee_tui.matrix.store import Store
-from rbee_tui.pools.client import CONNECTED, PoolClient, PoolEvent
+from rbee_tui.pools.client import CONNECTED, PoolClient, PoolEvent, PoolUnreachable
 from rbee_tui.worker.client import execute
 
 TEST_PROMPT = "Hello, how are you?"
@@ -174,7 +174,7 @@ class MatrixRunner:
             measured.update({k: v for k, v in peaks.items() if v})
             self._update(run_id, job_id, "passed", **measured)
         except RbeeError as exc:
-            if client.view.state != CONNECTED:
+            if isinstance(exc, PoolUnreachable) or not await self._reachable(client):
                 raise PoolLost(client.view.reason or str(exc)) from None
             tail = await self._log_tail(client, worker_id[0]) if worker_id else ""
             measured.update({k: v for k, v in peaks.items() if v})
@@ -185,12 +185,24 @@ class MatrixRunner:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(client.stop_worker(worker_id[0]))
 
+    async def _reachable(self, client: PoolClient) -> bool:
+        """Ask the pool once more before blaming the model: a failure may be the link dying under the job."""
+        if client.view.state != CONNECTED:
+            return False
+        try:
+            await client.hive("version", timeout=15)
+        except PoolUnreachable:
+            return False
+        except RbeeError:
+            return True
+        return True
+
     async def _checked(self, client: PoolClient, coro: Any) -> Any:
         try:
             return await coro
-        except RbeeError:
-            if client.view.state != CONNECTED:
-                raise PoolLost(client.view.reason or "connection lost") from None
+        except RbeeError as exc:
+            if isinstance(exc, PoolUnreachable) or client.view.state != CONNECTED:
+                raise PoolLost(client.view.reason or str(exc)) from None
             raise
 
     async def _ready(self, client: PoolClient, worker_id: str, timeout: float = 600) -> dict[str, Any]:

@@ -27,6 +27,10 @@ HISTORY = 1200  # 20 minutes at one sample a second
 PROTOCOL = 1
 
 
+class PoolUnreachable(RbeeError):
+    """The pool could not be reached (not connected, or the connection broke during the call)."""
+
+
 @dataclass
 class PoolEvent:
     """Something changed in a pool: its `state`, a `sample`, its `workers`."""
@@ -249,7 +253,7 @@ class PoolClient:
 
     async def _call(self, *args: str, timeout: float = 120) -> Any:
         if self.transport is None:
-            raise RbeeError(f"pool {self.pool.name} is {self.view.state}: {self.view.reason}")
+            raise PoolUnreachable(f"pool {self.pool.name} is {self.view.state}: {self.view.reason or 'no connection'}")
         argv = hive_argv(self.pool, *args)
         try:
             rc, out, err = await self.transport.run(argv, timeout)
@@ -257,8 +261,8 @@ class PoolClient:
             raise RbeeError(
                 f"pool {self.pool.name}: `rbee-hive {' '.join(args)}` timed out after {timeout:.0f}s"
             ) from None
-        except Exception as exc:
-            raise RbeeError(f"pool {self.pool.name}: {exc or type(exc).__name__}") from None
+        except Exception as exc:  # the connection broke under the call
+            raise PoolUnreachable(f"pool {self.pool.name}: {exc or type(exc).__name__}") from None
         lines = [line for line in out.splitlines() if line.strip()]
         last: Any = None
         if lines:
@@ -280,14 +284,19 @@ class PoolClient:
     async def hive(self, *args: str, timeout: float = 120) -> Any:
         """Run `rbee-hive ARGS --json` on the pool and return its last JSON object."""
         if self.view.state != CONNECTED:
-            raise RbeeError(f"pool {self.pool.name} is {self.view.state}: {self.view.reason or 'not connected yet'}")
+            raise PoolUnreachable(
+                f"pool {self.pool.name} is {self.view.state}: {self.view.reason or 'not connected yet'}"
+            )
         return await self._call(*args, timeout=timeout)
 
     async def hive_stream(self, *args: str) -> AsyncIterator[dict[str, Any]]:
         """Run a streaming `rbee-hive` command (download, logs --follow) and yield its JSON objects."""
         if self.transport is None or self.view.state != CONNECTED:
-            raise RbeeError(f"pool {self.pool.name} is {self.view.state}: {self.view.reason}")
-        stream = await self.transport.stream(hive_argv(self.pool, *args))
+            raise PoolUnreachable(f"pool {self.pool.name} is {self.view.state}: {self.view.reason}")
+        try:
+            stream = await self.transport.stream(hive_argv(self.pool, *args))
+        except Exception as exc:
+            raise PoolUnreachable(f"pool {self.pool.name}: {exc or type(exc).__name__}") from None
         try:
             async for line in stream.lines:
                 with contextlib.suppress(ValueError):
@@ -311,7 +320,10 @@ class PoolClient:
         known = self.tunnels.get(worker["id"])
         if known and known[0] == worker["port"]:
             return f"http://127.0.0.1:{known[1]}"
-        local, listener = await self.transport.forward(int(worker["port"]))
+        try:
+            local, listener = await self.transport.forward(int(worker["port"]))
+        except Exception as exc:
+            raise PoolUnreachable(f"pool {self.pool.name}: no tunnel to port {worker['port']}: {exc}") from None
         self.tunnels[worker["id"]] = (int(worker["port"]), local, listener)
         return f"http://127.0.0.1:{local}"
 
