@@ -28,6 +28,7 @@ from rbee_tui.ui.screens.dialogs import (
     SpawnDialog,
 )
 from rbee_tui.ui.screens.info import ErrorLogScreen, HelpScreen, OverviewScreen, WorkerLogScreen
+from rbee_tui.ui.screens.matrix import MatrixScreen
 from rbee_tui.ui.widgets.downloads import DownloadsPane
 from rbee_tui.ui.widgets.gauges import GaugesPane
 from rbee_tui.ui.widgets.pools import PoolList
@@ -60,6 +61,7 @@ class RbeeApp(App[None]):
         Binding("q", "quit", "Quit"),
         Binding("question_mark", "help", "Help"),
         Binding("o", "overview", "Overview"),
+        Binding("m", "matrix", "Matrix"),
         Binding("1", "tab('tab-catalog')", "Catalog", show=False),
         Binding("2", "tab('tab-downloads')", "Downloads", show=False),
         Binding("3", "tab('tab-workers')", "Workers", show=False),
@@ -149,6 +151,10 @@ class RbeeApp(App[None]):
             return
         if ev.kind == "download":
             self.query_one(DownloadsPane).show(ev.data)
+            return
+        if ev.kind == "matrix":
+            if isinstance(self.screen, MatrixScreen):
+                self.screen.update_cell(ev.data)
             return
         if ev.kind == "state" and ev.data[0] == "lost" and "is unknown (SHA256:" in ev.data[1]:
             self.ask_host_key(ev.pool)
@@ -288,6 +294,10 @@ class RbeeApp(App[None]):
         for pool in self.fleet.clients:
             self.render_pool_row(pool)
         self.render_all()
+
+    def action_matrix(self) -> None:
+        """The job board: every model on every pool and backend."""
+        self.show(MatrixScreen(self.fleet.matrix))
 
     def action_help(self) -> None:
         """Keys and what they do."""

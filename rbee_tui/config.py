@@ -92,6 +92,15 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class MatrixConfig:
+    """The default matrix: which models and pools (empty: models downloaded somewhere, every pool)."""
+
+    models: tuple[str, ...] = ()
+    pools: tuple[str, ...] = ()
+    max_tokens: int = 16
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole config file."""
 
@@ -99,6 +108,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     theme: str = "rbee-dark"
     path: Path | None = None
+    matrix: MatrixConfig = field(default_factory=MatrixConfig)
 
     def pool(self, name: str) -> PoolConfig:
         """The pool called `name`, or a clear error listing the known ones."""
@@ -123,6 +133,12 @@ class Config:
             registry["models"] = [dict(m) for m in self.registry.models]
         doc["registry"] = registry
         doc["pools"] = [p.to_toml() for p in self.pools]
+        if self.matrix != MatrixConfig():
+            doc["matrix"] = {
+                "models": list(self.matrix.models),
+                "pools": list(self.matrix.pools),
+                "max_tokens": self.matrix.max_tokens,
+            }
         return doc
 
 
@@ -185,9 +201,9 @@ def _pool_from(raw: Any, index: int, where: str) -> PoolConfig:
 
 def parse(doc: dict[str, Any], where: str = "config") -> Config:
     """Build a Config from a parsed TOML document, with errors that name the offending key."""
-    unknown = sorted(set(doc) - {"pools", "registry", "theme"})
+    unknown = sorted(set(doc) - {"pools", "registry", "theme", "matrix"})
     if unknown:
-        raise RbeeError(f"{where}: unknown key(s) {', '.join(unknown)}", "known keys: pools, registry, theme")
+        raise RbeeError(f"{where}: unknown key(s) {', '.join(unknown)}", "known keys: pools, registry, theme, matrix")
     raw_pools = doc.get("pools")
     if raw_pools is None:
         pools: tuple[PoolConfig, ...] = (local_pool(),)

@@ -63,6 +63,7 @@ class Fleet:
         self.downloads: dict[str, Download] = {}
         self.last_tps: dict[tuple[str, str], float] = {}
         self.pending: dict[str, list[dict[str, Any]]] = {}
+        self.matrix = MatrixBoard(self)
         self._tasks: set[asyncio.Task[Any]] = set()
         for pool in config.pools:
             self._add_client(pool)
@@ -304,3 +305,151 @@ class Fleet:
         """Remember the theme in the config file."""
         self.config = replace(self.config, theme=theme)
         cfgmod.save(self.config)
+
+
+class MatrixBoard:
+    """The job board's state: the planned cells, each cell's latest job, and the run going on."""
+
+    def __init__(self, fleet: Fleet, db: Any = None) -> None:
+        self.fleet = fleet
+        self.db = db
+        self.cells: list[Any] = []
+        self.jobs: dict[str, dict[str, Any]] = {}  # cell key -> latest job row
+        self.run_id: int | None = None
+        self.runner: Any = None
+        self.task: asyncio.Task[Any] | None = None
+        self.started = 0.0
+        self._store: Any = None
+        self._keys: dict[int, str] = {}
+
+    @property
+    def store(self) -> Any:
+        """The results database (opened on first use)."""
+        if self._store is None:
+            from rbee_tui.matrix.store import Store
+
+            self._store = Store(self.db)
+        return self._store
+
+    @property
+    def running(self) -> bool:
+        """Whether a run is going on."""
+        return self.task is not None and not self.task.done()
+
+    async def plan(self) -> list[Any]:
+        """Plan the matrix from the pools' catalogs and status (the config's [matrix] narrows it)."""
+        from rbee_tui.matrix.headless import gather_plan
+
+        cfg = self.fleet.config.matrix
+        clients = {n: c for n, c in self.fleet.clients.items() if not cfg.pools or n in cfg.pools}
+        _, self.cells = await gather_plan(clients, list(cfg.models) or None)
+        self.fleet.on_event(FleetEvent("matrix", "", None))
+        return self.cells
+
+    def start(self, cells: list[Any]) -> None:
+        """Run these cells (inside the current run, so retries and partial runs add up on one board)."""
+        from rbee_tui.matrix.scheduler import MatrixRunner
+
+        if self.running:
+            raise RbeeError("a matrix run is already going", "cancel it first (x)")
+        if not cells:
+            raise RbeeError("nothing to run there")
+        self.runner = MatrixRunner(
+            self.fleet.clients, self.store, max_tokens=self.fleet.config.matrix.max_tokens, on_change=self._changed
+        )
+        self.started = time.time()
+
+        async def go() -> None:
+            try:
+                self.run_id = await self.runner.run(cells, {"source": "dashboard"}, run_id=self.run_id)
+            except Exception as exc:  # reported on the board and in the error log
+                self.fleet.on_event(FleetEvent("error", "", f"matrix run failed: {exc}"))
+            self.fleet.on_event(FleetEvent("matrix", "", None))
+
+        for cell in cells:
+            self.jobs[cell.key] = {
+                "state": "queued" if not cell.skip else "skipped",
+                "reason": cell.skip,
+                "measurements": {},
+            }
+        self.task = asyncio.create_task(go(), name="matrix")
+
+    def _changed(self, job: dict[str, Any]) -> None:
+        if "cell" in job:
+            self._keys[job["job_id"]] = job["cell"]
+            self.run_id = job["run_id"]
+        key = self._keys.get(job["job_id"])
+        if key is None:
+            return
+        current = self.jobs.setdefault(key, {"measurements": {}})
+        current.update(state=job["state"], reason=job.get("reason", ""), job_id=job["job_id"])
+        current["measurements"] = {
+            **current.get("measurements", {}),
+            **{k: v for k, v in job.items() if k not in ("state", "reason", "job_id", "run_id", "cell")},
+        }
+        self.fleet.on_event(FleetEvent("matrix", "", key))
+
+    def cancel(self) -> None:
+        """Cancel the run."""
+        if self.runner is not None and self.running:
+            self.runner.cancel()
+
+    def clear(self) -> None:
+        """Forget the board (the store keeps every run); the next run starts a new one."""
+        if self.running:
+            raise RbeeError("cancel the run before clearing the board")
+        self.jobs.clear()
+        self.run_id = None
+        self.fleet.on_event(FleetEvent("matrix", "", None))
+
+    def counts(self) -> dict[str, int]:
+        """Cells by outcome."""
+        states = [self.jobs.get(c.key, {}).get("state", "not run") for c in self.cells]
+        done = sum(s in ("passed", "failed", "skipped", "pool lost", "cancelled", "interrupted") for s in states)
+        return {
+            "total": len(self.cells),
+            "done": done,
+            "passed": states.count("passed"),
+            "failed": states.count("failed"),
+            "skipped": states.count("skipped"),
+            "lost": states.count("pool lost"),
+        }
+
+    def eta_s(self) -> float | None:
+        """Time left: the mean time of finished jobs times the jobs left, spread over the pools running them."""
+        c = self.counts()
+        finished = c["passed"] + c["failed"]
+        if not self.running or not finished:
+            return None
+        per_job = (time.time() - self.started) / finished
+        left = [
+            k
+            for k, j in self.jobs.items()
+            if j.get("state") not in ("passed", "failed", "skipped", "pool lost", "cancelled", "interrupted")
+        ]
+        pools = len({k.rsplit("@", 1)[-1] for k in left}) or 1
+        return per_job * len(left) / pools
+
+    def export(self, formats: list[str], out: Any) -> list[Any]:
+        """Write the current run's tables."""
+        from rbee_tui.matrix import export
+
+        if self.run_id is None:
+            raise RbeeError("no run to export yet")
+        return export.write(self.store.run(self.run_id), self.store.jobs(self.run_id), formats, out)
+
+    def details(self, key: str) -> dict[str, Any]:
+        """A cell's job: measurements, timeline, log tail, and the previous run's tokens/s."""
+        job = self.jobs.get(key)
+        if job is None or "job_id" not in job or self.run_id is None:
+            return {"cell": key, "state": (job or {}).get("state", "not run"), "reason": (job or {}).get("reason", "")}
+        row = next((j for j in self.store.jobs(self.run_id) if j["id"] == job["job_id"]), None) or {}
+        return {
+            "cell": key,
+            "state": row.get("state"),
+            "reason": row.get("reason", ""),
+            "measurements": row.get("measurements", {}),
+            "log_tail": row.get("log_tail", ""),
+            "timeline": self.store.events(job["job_id"]),
+            "previous": self.store.previous(self.run_id, key),
+        }

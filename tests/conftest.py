@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rbee_tui.tinymodel import TinySpec, write_model
+from tests.support.cleanup import kill_workers
 from tests.support.hub import HubServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,21 +33,7 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     yield home
-    _kill_workers(home)
-
-
-def _kill_workers(home: Path) -> None:
-    """Whatever a test left running (it failed before stopping its workers) is killed, group and all."""
-    import signal
-
-    for registry in home.rglob("workers.json"):
-        try:
-            workers = json.loads(registry.read_text()).get("workers", [])
-        except (OSError, ValueError):
-            continue
-        for w in workers:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(w["pid"], signal.SIGKILL)
+    kill_workers(home)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
         return 2
     exit_file, command = argv[0], argv[2:]
     try:
-        child = subprocess.Popen(command)
+        child = subprocess.Popen(command, close_fds=False)  # the worker inherits its listening socket
     except OSError as exc:
         _record(exit_file, 127, None)
         sys.stderr.write(f"rbee-hive: cannot start {command[0]}: {exc.strerror}\n")

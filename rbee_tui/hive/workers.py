@@ -199,25 +199,29 @@ def describe(record: WorkerRecord, probe: bool = True) -> dict[str, Any]:
 # -- spawn ------------------------------------------------------------------------------------------------
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the worker binds: TIME_WAIT is no conflict
+def reserve_port(host: str, wanted: int | None, gpu: int, taken: set[int]) -> tuple[int, socket.socket]:
+    """Bind the requested port (it must be free), else 8000+gpu or the next free one; return it bound.
+
+    The bound socket is handed to the worker, so no other spawn (another pool on this machine, say) can take
+    the port between our choice and the worker's start.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ports = [wanted] if wanted is not None else range(BASE_PORT + gpu, BASE_PORT + gpu + 200)
+    for port in ports:
+        if port in taken:
+            continue
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
         try:
-            s.bind((host, port))
+            sock.bind((host, port))
+            # Listening at once makes the port ours: a second bind, even with SO_REUSEADDR, now fails.
+            sock.listen(128)
         except OSError:
-            return False
-    return True
-
-
-def choose_port(host: str, wanted: int | None, gpu: int, taken: set[int]) -> int:
-    """The requested port (it must be free), else 8000+gpu or the next free one after it."""
+            sock.close()
+            continue
+        return port, sock
     if wanted is not None:
-        if wanted in taken or not _port_free(host, wanted):
-            raise RbeeError(f"port {wanted} is already in use", "leave out --port to pick a free one")
-        return wanted
-    for port in range(BASE_PORT + gpu, BASE_PORT + gpu + 200):
-        if port not in taken and _port_free(host, port):
-            return port
+        raise RbeeError(f"port {wanted} is already in use", "leave out --port to pick a free one")
     raise RbeeError(f"no free port from {BASE_PORT + gpu} upwards")
 
 
@@ -344,12 +348,16 @@ def spawn(
     with files.locked(registry.path):
         records = registry.read()
         live = [r for r in records if _alive(r) is not None]
-        chosen_port = choose_port(host, port, gpu, {r.port for r in live})
+        chosen_port, sock = reserve_port(host, port, gpu, {r.port for r in live})
         wid = _worker_id(backend, gpu, {r.id for r in records})
         log_path = registry.logs / f"{wid}.log"
         exit_file = registry.dir / f"{wid}.exit"
         exit_file.unlink(missing_ok=True)
         argv = _command(wid, entry, backend, gpu, host, chosen_port, engine, n_ctx, llama_server)
+        if engine == ENGINE_EMBEDDED:
+            argv += ["--fd", str(sock.fileno())]
+        else:
+            sock.close()  # llama-server binds by itself: the port is free again for it (a short window)
         full = [sys.executable, "-m", "rbee_tui.hive.supervise", str(exit_file), "--", *argv]
         env = os.environ.copy()
         env["PYTHONUNBUFFERED"] = "1"
@@ -364,9 +372,10 @@ def spawn(
                 stdout=log_fh,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                close_fds=True,
+                pass_fds=(sock.fileno(),) if engine == ENGINE_EMBEDDED else (),
                 env=env,
             )
+        sock.close()  # the worker holds it now
         record = WorkerRecord(
             id=wid,
             pid=proc.pid,

@@ -128,8 +128,8 @@ def parse_formats(value: str) -> list[str]:
 def main_run(config: Config, args: Any) -> int:
     """Entry from the CLI."""
     formats = parse_formats(args.export)
-    pools = [p for p in (args.pools or "").split(",") if p] or None
-    models = [m for m in (args.models or "").split(",") if m] or None
+    pools = [p for p in (args.pools or "").split(",") if p] or list(config.matrix.pools) or None
+    models = [m for m in (args.models or "").split(",") if m] or list(config.matrix.models) or None
     try:
         return asyncio.run(
             run(config, pools, models, formats, Path(args.out), Path(args.db) if args.db else None, args.max_tokens)

@@ -152,6 +152,8 @@ class MatrixRunner:
             url = await client.worker_url(w)
             self._update(run_id, job_id, "running", **measured)
             first, health = await self._generate(url, w["engine"])
+            if health.get("model") not in (None, cell.model):
+                raise RbeeError(f"another worker ({health.get('model')}) answers on port {w['port']}")
             second, _ = await self._generate(url, w["engine"])
             self._update(run_id, job_id, "verifying", **measured)
             measured.update(

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import shlex
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -71,16 +72,19 @@ class LocalTransport:
         return ""
 
     async def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            *_local_hive(argv), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=os.environ.copy()
-        )
+        # A plain subprocess in a thread: each call reaps its own child, whatever else the loop is watching.
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        finally:
-            if proc.returncode is None:  # timed out or cancelled: never leave the child behind
-                proc.kill()
-                await asyncio.shield(proc.wait())
-        return proc.returncode or 0, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+            done = await asyncio.to_thread(
+                subprocess.run,
+                _local_hive(argv),
+                capture_output=True,
+                timeout=timeout,
+                env=os.environ.copy(),
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise TimeoutError from None
+        return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
 
     async def stream(self, argv: list[str]) -> Stream:
         proc = await asyncio.create_subprocess_exec(

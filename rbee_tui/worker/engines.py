@@ -43,6 +43,29 @@ class Request:
     stop: tuple[str, ...] = ()
 
 
+_LLAMA_ERRORS: list[str] = []
+_LOG_HOOK: Any = None
+
+
+def _capture_llama_errors() -> None:
+    """Keep llama.cpp's error lines (its Python binding hides them when not verbose) to say why a load failed."""
+    global _LOG_HOOK
+    if _LOG_HOOK is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def hook(level: int, text: bytes, user_data: Any) -> None:
+        if level == 4:  # GGML_LOG_LEVEL_ERROR
+            _LLAMA_ERRORS.append(text.decode("utf-8", "replace").strip())
+            del _LLAMA_ERRORS[:-20]
+
+    _LOG_HOOK = hook  # referenced for as long as llama.cpp may call it
+    llama_cpp.llama_log_set(hook, ctypes.c_void_p(0))
+
+
 class LlamaCppEngine:
     """llama-cpp-python in process. Not thread-safe: the server calls it from one thread at a time."""
 
@@ -69,10 +92,18 @@ class LlamaCppEngine:
             kwargs.update(n_gpu_layers=-1, main_gpu=self.gpu, split_mode=llama_cpp.LLAMA_SPLIT_MODE_NONE)
         else:
             kwargs["n_gpu_layers"] = 0
+        if not self.verbose:
+            _capture_llama_errors()
+        _LLAMA_ERRORS.clear()
         try:
             self.llm = llama_cpp.Llama(self.model_path, **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            why = next(
+                (e for e in _LLAMA_ERRORS if "error loading model" in e), _LLAMA_ERRORS[0] if _LLAMA_ERRORS else ""
+            )
+            if why:
+                reason = why.split("error loading model:", 1)[-1].strip()
             raise RbeeError(f"llama.cpp could not load {self.model_path}: {reason}") from None
         if self.requested_ctx is None and self.llm.n_ctx() > 4096:
             # A model's training context (32k for Qwen) would reserve gigabytes of KV cache; 4k is plenty here.

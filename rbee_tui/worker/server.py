@@ -385,7 +385,12 @@ async def serve(args: argparse.Namespace) -> int:
     runner = web.AppRunner(build_app(worker), access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+        if args.fd is not None:  # rbee-hive bound the port for us
+            import socket
+
+            site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=args.fd))
+        else:
+            site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
         await site.start()
     except OSError as exc:
         await runner.cleanup()
@@ -435,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--n-ctx", type=int, help="context size (default: the model's, at most 4096)")
     ap.add_argument("--verbose", action="store_true", help="let llama.cpp log its own loading details")
+    ap.add_argument("--fd", type=int, help="a socket already bound to the port (passed by rbee-hive)")
     return ap
 
 

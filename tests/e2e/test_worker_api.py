@@ -229,6 +229,25 @@ def test_openai_bad_input(worker: str) -> None:
     assert status == 400 and "n must be" in body["error"]["message"]
 
 
+async def test_health_is_503_loading_until_the_model_is_loaded() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from rbee_tui.worker.engines import LlamaCppEngine
+    from rbee_tui.worker.server import Worker, build_app
+
+    worker = Worker(LlamaCppEngine(str(TINY), "cpu", 0), "tiny-test", "w1")
+    async with TestClient(TestServer(build_app(worker))) as client:
+        resp = await client.get("/health")
+        assert resp.status == 503 and (await resp.json())["status"] == "loading"
+        resp = await client.post("/execute", json={"prompt": "hi"})
+        assert resp.status == 503 and "loading" in (await resp.json())["error"]
+        await worker.load()
+        resp = await client.get("/health")
+        body = await resp.json()
+        assert resp.status == 200 and body["status"] == "ready" and body["n_ctx"] == 512
+        worker.engine.close()
+
+
 def test_bad_model_file_exits_with_one_line(tmp_path: Path) -> None:
     for content, reason in (
         (b"PK\x03\x04" + os.urandom(64), "not a GGUF file"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rbee_tui.config import PoolConfig
 from tests.conftest import BIN, hive_cmd
+from tests.support.cleanup import kill_workers
 from tests.support.hub import HubServer
 from tests.support.sshd import Sshd, environment_for, keygen
 
@@ -15,6 +16,7 @@ class Site:
     """Two SSH pools (two sshd on loopback), each with its own home and models dir."""
 
     def __init__(self, root: Path, hub: HubServer) -> None:
+        self.root = root
         self.key = keygen(root / "client_key")
         self.sshd: dict[str, Sshd] = {}
         self.pools: dict[str, PoolConfig] = {}
@@ -37,3 +39,4 @@ class Site:
     def stop(self) -> None:
         for s in self.sshd.values():
             s.stop()
+        kill_workers(self.root)  # workers on a pool whose sshd died are detached: they outlive it by design

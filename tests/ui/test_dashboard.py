@@ -45,7 +45,7 @@ async def test_opens_on_the_local_pool_with_tiny_test(models_dir: Path) -> None:
 
 async def test_download_spawn_prompt_stop(models_dir: Path, hub: HubServer, medium_gguf: Path, hive) -> None:
     hub.add("rbee-test/medium-GGUF", "medium.gguf", data=medium_gguf.read_bytes())
-    hub.throttle_bps = 8_000_000
+    hub.throttle_bps = 3_000_000  # about two seconds: the bar is seen in the middle
     hive(
         "models",
         "register",

@@ -109,6 +109,7 @@ Everything also works with the mouse, and **Ctrl+P** opens the command palette w
 | `l` | follow the selected worker's log |
 | `p` | type a quick prompt to the selected worker |
 | `o` | overview of every pool |
+| `m` | the matrix job board (there: `a` all, `r` row, `c` column, `Enter` cell, `x` cancel, `f` retry, `e` export) |
 | `a` / `E` | add a pool / edit the selected pool |
 | `t` | switch theme (remembered) |
 | `e` | error log |

@@ -1,0 +1,109 @@
+"""The job board driven by Pilot: run all, watch cells change, open details, retry a failed cell, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.widgets import DataTable
+
+from rbee_tui.app import RbeeApp
+from rbee_tui.config import Config, PoolConfig
+from rbee_tui.tinymodel import TinySpec, write_model
+from rbee_tui.ui.screens.matrix import CellDetails, MatrixScreen
+from tests.support import waiting
+
+
+async def until(pilot, predicate, timeout: float = 60, what: str = "") -> float:
+    return await waiting.until(predicate, timeout, what, sleep=pilot.pause)
+
+
+def board_text(screen: MatrixScreen) -> dict[str, str]:
+    table = screen.query_one("#board", DataTable)
+    out = {}
+    for r, model in enumerate(screen.models):
+        for c, col in enumerate(screen.columns, start=1):
+            out[f"{model}@{col}"] = str(table.get_cell_at((r, c)))
+    return out
+
+
+async def test_job_board(models_dir: Path, hive, isolated_home: Path, tmp_path: Path) -> None:
+    # A second model whose file llama.cpp refuses: its cell fails, and is retried after being fixed.
+    hive("models", "catalog", "--models-dir", str(models_dir), check=True)
+    hive(
+        "models",
+        "register",
+        "flaky",
+        "--repo",
+        "rbee-test/flaky",
+        "--file",
+        "flaky.gguf",
+        "--models-dir",
+        str(models_dir),
+        check=True,
+    )
+    bad = write_model(models_dir / "flaky" / "flaky.gguf", TinySpec(name="bad", arch="bogus-arch"))
+    hive("models", "verify", "flaky", "--models-dir", str(models_dir), check=True)
+    config = Config(pools=(PoolConfig(name="local", models_dir=str(models_dir), backends=("cpu", "cuda")),))
+    app = RbeeApp(config, sample_interval=0.5)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.fleet.client("local").view.state == "connected", 30, "the pool")
+        await pilot.press("m")
+        screen = app.screen
+        assert isinstance(screen, MatrixScreen)
+        await until(pilot, lambda: len(screen.models) == 2, 30, "the plan")
+        assert screen.columns == ["cpu@local", "cuda@local"]
+        text = board_text(screen)
+        assert "skipped" in text["tiny-test@cuda@local"]  # no CUDA here: planned as skipped
+        seen: set[str] = set()
+
+        def finished() -> bool:
+            t = board_text(screen)
+            seen.update(v.split(" ", 1)[1] for v in t.values())
+            return app.fleet.matrix.counts()["done"] == 4 and not app.fleet.matrix.running
+
+        await pilot.press("a")
+        await until(pilot, finished, 120, "the run to finish")
+        assert seen & {"spawning", "loading", "running", "verifying"}, "cells changed live"
+        text = board_text(screen)
+        assert "tok/s" in text["tiny-test@cpu@local"] and text["tiny-test@cpu@local"].startswith("✅")
+        assert text["flaky@cpu@local"].startswith("❌")
+        progress = str(screen.query_one("#matrix-progress").render())
+        assert "4/4 done" in progress and "✅ 1" in progress and "❌ 1" in progress
+
+        # Details of the failed cell: its reason, timeline and worker log.
+        table = screen.query_one("#board", DataTable)
+        table.move_cursor(row=screen.models.index("flaky"), column=1)
+        await pilot.press("i")
+        await until(pilot, lambda: isinstance(app.screen, CellDetails), 10, "the details")
+        details = str(app.screen.query_one("#cell-details").render())
+        assert "bogus-arch" in details and "timeline:" in details and "worker log:" in details
+        await pilot.press("escape")
+
+        # Fix the model and retry only what failed.
+        write_model(bad, TinySpec(name="fixed", seed=5))
+        hive(
+            "models",
+            "register",
+            "flaky",
+            "--repo",
+            "rbee-test/flaky",
+            "--file",
+            "flaky.gguf",
+            "--replace",
+            "--models-dir",
+            str(models_dir),
+            check=True,
+        )  # a new file: forget the old checksum
+        hive("models", "verify", "flaky", "--models-dir", str(models_dir), check=True)
+        await pilot.press("f")
+        await until(
+            pilot,
+            lambda: board_text(screen)["flaky@cpu@local"].startswith("✅") and not app.fleet.matrix.running,
+            120,
+            "the retry to pass",
+        )
+        await pilot.press("e")
+        exports = isolated_home / "data" / "rbee" / "exports"
+        await until(pilot, lambda: exports.exists() and any(exports.rglob("MODEL_SUPPORT.md")), 10, "the export")
+        md = next(exports.rglob("MODEL_SUPPORT.md")).read_text()
+        assert "| flaky |" in md and "✅" in md
