@@ -80,6 +80,12 @@ def lab(tmp_path: Path, generated: dict[str, Path], hive) -> Iterator[tuple[Site
     hub.stop()
 
 
+def matrix_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`rbee-tui --config CFG matrix run ARGS` as a script would call it."""
+    cmd = [sys.executable, "-m", "rbee_tui.cli", "--config", str(cfg), "matrix", "run", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
 def md_marks(text: str) -> dict[tuple[str, str], str]:
     """(model, column) -> mark, read back from the Markdown support table."""
     lines = text.splitlines()
@@ -100,27 +106,16 @@ def test_full_matrix_headless(lab, tmp_path: Path) -> None:
     cfg = tmp_path / "config.toml"
     cfg.write_text(tomli_w.dumps(config.to_toml()))
     out, db = tmp_path / "out", tmp_path / "results.db"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rbee_tui.cli",
-            "--config",
-            str(cfg),
-            "matrix",
-            "run",
-            "--models",
-            ",".join([*GOOD, "broken"]),
-            "--export",
-            "md,csv,json,html",
-            "--out",
-            str(out),
-            "--db",
-            str(db),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = matrix_cli(
+        cfg,
+        "--models",
+        ",".join([*GOOD, "broken"]),
+        "--export",
+        "md,csv,json,html",
+        "--out",
+        str(out),
+        "--db",
+        str(db),
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the broken model fails, so the run fails
     assert "Passed: 9  Failed: 3  Skipped: 4" in proc.stdout
@@ -181,23 +176,12 @@ def test_full_matrix_headless(lab, tmp_path: Path) -> None:
 def test_headless_exit_zero_when_all_pass(tmp_path: Path, models_dir: Path) -> None:
     cfg = tmp_path / "config.toml"
     cfg.write_text(tomli_w.dumps({"pools": [{"name": "local", "models_dir": str(models_dir)}]}))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rbee_tui.cli",
-            "--config",
-            str(cfg),
-            "matrix",
-            "run",
-            "--out",
-            str(tmp_path),
-            "--db",
-            str(tmp_path / "r.db"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = matrix_cli(
+        cfg,
+        "--out",
+        str(tmp_path),
+        "--db",
+        str(tmp_path / "r.db"),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "passed     tiny-test@cpu@local" in proc.stdout and (tmp_path / "MODEL_SUPPORT.md").exists()

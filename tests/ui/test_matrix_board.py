@@ -12,6 +12,8 @@ from rbee_tui.tinymodel import TinySpec, write_model
 from rbee_tui.ui.screens.matrix import CellDetails, MatrixScreen
 from tests.support import waiting
 
+REGISTER_FLAKY = ("models", "register", "flaky", "--repo", "rbee-test/flaky", "--file", "flaky.gguf")
+
 
 async def until(pilot, predicate, timeout: float = 60, what: str = "") -> float:
     return await waiting.until(predicate, timeout, what, sleep=pilot.pause)
@@ -30,13 +32,7 @@ async def test_job_board(models_dir: Path, hive, isolated_home: Path, tmp_path: 
     # A second model whose file llama.cpp refuses: its cell fails, and is retried after being fixed.
     hive("models", "catalog", "--models-dir", str(models_dir), check=True)
     hive(
-        "models",
-        "register",
-        "flaky",
-        "--repo",
-        "rbee-test/flaky",
-        "--file",
-        "flaky.gguf",
+        *REGISTER_FLAKY,
         "--models-dir",
         str(models_dir),
         check=True,
@@ -82,13 +78,7 @@ async def test_job_board(models_dir: Path, hive, isolated_home: Path, tmp_path: 
         # Fix the model and retry only what failed.
         write_model(bad, TinySpec(name="fixed", seed=5))
         hive(
-            "models",
-            "register",
-            "flaky",
-            "--repo",
-            "rbee-test/flaky",
-            "--file",
-            "flaky.gguf",
+            *REGISTER_FLAKY,
             "--replace",
             "--models-dir",
             str(models_dir),
