@@ -57,3 +57,18 @@ def test_cpu_worker_leaves_the_gpu_alone(hive) -> None:
 def test_a_gpu_that_does_not_exist_is_refused(hive) -> None:
     proc = hive("worker", "spawn", "cuda", "--model", "tiny-test", "--gpu", str(len(GPUS) + 3))
     assert proc.returncode == 1 and "does not exist on this pool" in proc.stderr
+
+
+def test_metrics_report_the_gpu_and_the_workers_vram(hive) -> None:
+    w = json.loads(hive("worker", "spawn", "cuda", "--model", "tiny-test", "--wait", "--json", check=True).stdout)
+    try:
+        lines = hive("metrics", "--interval", "0.5", "--count", "3", "--json", check=True).stdout.splitlines()
+        sample = json.loads(lines[-1])
+        gpu = sample["gpus"][0]
+        assert gpu["memory_total"] > 0 and gpu["memory_used"] > 0
+        assert gpu["util_percent"] is not None and gpu["temp_c"] is not None and gpu["power_w"] is not None
+        assert sample["temps"]["gpus_c"] == [gpu["temp_c"]]
+        row = next(r for r in sample["workers"] if r["id"] == w["id"])
+        assert row["vram_bytes"] and row["vram_bytes"] > 0
+    finally:
+        hive("worker", "stop", w["id"], check=True)
