@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -85,7 +86,14 @@ class LlamaCppEngine:
         """Load the model; raises RbeeError with a one-line reason when llama.cpp cannot."""
         import llama_cpp
 
-        kwargs: dict[str, Any] = {"verbose": self.verbose, "n_ctx": self.requested_ctx or 0}
+        # llama-cpp-python defaults to half the CPUs; a worker owns its machine's cores while it generates.
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        kwargs: dict[str, Any] = {
+            "verbose": self.verbose,
+            "n_ctx": self.requested_ctx or 0,
+            "n_threads": threads,
+            "n_threads_batch": threads,
+        }
         if self.backend in ("cuda", "metal"):
             if not llama_cpp.llama_supports_gpu_offload():
                 raise RbeeError(f"this llama-cpp-python was built without {self.backend} support")
