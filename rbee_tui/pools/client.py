@@ -390,11 +390,6 @@ async def passthrough(pool: PoolConfig, args: list[str], timeout: float = 3600.0
         await client.close()
 
 
-async def gather_pools(clients: list[PoolClient], fn: Callable[[PoolClient], Any]) -> list[Any]:
-    """Run `fn` on every pool at once; one dead pool's exception is its result, never the others' failure."""
-    return await asyncio.gather(*(fn(c) for c in clients), return_exceptions=True)
-
-
 async def gather_pools_config(pools: tuple[PoolConfig, ...], fn: Callable[[PoolConfig], Any]) -> list[Any]:
-    """`gather_pools` for pool configs (one-shot commands that make their own connections)."""
+    """Run `fn` on every pool at once; one dead pool's exception is its result, never the others' failure."""
     return await asyncio.gather(*(fn(p) for p in pools), return_exceptions=True)
