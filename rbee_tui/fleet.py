@@ -230,24 +230,10 @@ class Fleet:
             self.pending[pool].remove(pending)
         await client.workers()
         try:
-            await self._wait_ready(client, w["id"])
+            await client.wait_worker_ready(w["id"])
         finally:
             await client.workers()
         return w
-
-    async def _wait_ready(self, client: PoolClient, worker_id: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            workers = await client.workers()
-            w = next((x for x in workers if x["id"] == worker_id), None)
-            if w is None:
-                raise RbeeError(f"worker {worker_id} disappeared")
-            if w["state"] in ("ready", "busy"):
-                return
-            if w["state"] == "exited":
-                raise RbeeError(f"worker {worker_id} died while starting: {w.get('reason', '')}")
-            await asyncio.sleep(0.25)
-        raise RbeeError(f"worker {worker_id} was not ready after {timeout:.0f}s")
 
     async def stop(self, pool: str, worker_id: str) -> None:
         """Stop a worker."""

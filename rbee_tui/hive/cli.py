@@ -18,7 +18,7 @@ from rbee_tui import __version__
 from rbee_tui import config as cfgmod
 from rbee_tui.catalog import CatalogStore, ensure_not_tiny, human_size, new_entry, render_table
 from rbee_tui.errors import Cancelled, RbeeError
-from rbee_tui.names import check_backends, check_id
+from rbee_tui.names import check_id
 
 PROG = "rbee-hive"
 
@@ -451,10 +451,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _validate_backends(value: str) -> None:
-    check_backends(value.split(","))
-
-
 def _quiet_libraries() -> None:
     # huggingface_hub logs its own retries as warnings; our one-line errors say what matters.
     import logging
@@ -470,8 +466,6 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, default)
     _quiet_libraries()
     try:
-        if getattr(args, "backends", None):
-            _validate_backends(args.backends)
         ctx = None if getattr(args, "no_context", False) else _context(args)
         return args.fn(ctx, args)
     except RbeeError as exc:

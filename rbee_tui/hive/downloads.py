@@ -23,7 +23,7 @@ from typing import Any
 from rbee_tui import files
 from rbee_tui.catalog import CatalogStore, ModelEntry, ensure_not_tiny, model_dir
 from rbee_tui.errors import Cancelled, RbeeError
-from rbee_tui.hive.verify import check_file, check_gguf_structure, gguf_facts, looks_like_sha256, split_files
+from rbee_tui.hive.verify import check_file, check_gguf_structure, looks_like_sha256, split_files
 from rbee_tui.tinymodel import TINY_TEST_ID
 
 PROGRESS_EVERY_S = 0.25
@@ -274,10 +274,12 @@ def download(
         started = time.monotonic()
         meter.add(0, names[0], force=True)
         digests = []
+        facts: dict[str, Any] = {}
         for partial in partials:
             digest = _fetch(partial, meter, cancel, hub, entry.repo)
             try:
-                check_gguf_structure(partial.path)
+                read = check_gguf_structure(partial.path)
+                facts = facts or read  # the first file's header describes the model
                 if partial.remote.size is not None and partial.path.stat().st_size != partial.remote.size:
                     raise RbeeError(f"{partial.remote.name}: size differs from the hub's {partial.remote.size}")
                 if looks_like_sha256(partial.remote.etag) and digest != partial.remote.etag:
@@ -297,7 +299,6 @@ def download(
             files.fsync_dir(final.parent)
             partial.discard()
         size = sum(f.stat().st_size for f in finals)
-        facts = gguf_facts(finals[0])
         with store.edit() as catalog:
             current = catalog.find(model_id)
             if current is None:

@@ -58,16 +58,20 @@ def check_gguf_header(path: Path) -> int:
     return version
 
 
-def check_gguf_structure(path: Path) -> None:
-    """Raise a one-line error when the header is fine but the tensors do not fit the file (a truncated file)."""
+def check_gguf_structure(path: Path) -> dict[str, Any]:
+    """Raise a one-line error when the header is fine but the tensors do not fit the file (a truncated file).
+
+    Returns the facts read on the way (architecture, context length, vocabulary size), so no caller parses twice.
+    """
     check_gguf_header(path)
     try:
         from gguf import GGUFReader
 
-        GGUFReader(path)
+        reader = GGUFReader(path)
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RbeeError(f"{path} is truncated or malformed: {reason}") from None
+    return _facts(reader)
 
 
 def check_file(path: Path, expected_size: int | None, sha256: str | None) -> str:
@@ -87,7 +91,13 @@ def gguf_facts(path: Path) -> dict[str, Any]:
     try:
         from gguf import GGUFReader
 
-        reader = GGUFReader(path)
+        return _facts(GGUFReader(path))
+    except Exception:
+        return {}
+
+
+def _facts(reader: Any) -> dict[str, Any]:
+    try:
         arch = _field(reader, "general.architecture")
         facts: dict[str, Any] = {"architecture": arch}
         if arch:
@@ -96,7 +106,7 @@ def gguf_facts(path: Path) -> dict[str, Any]:
         if tokens is not None:
             facts["vocab_size"] = len(tokens.data)
         return {k: v for k, v in facts.items() if v is not None}
-    except Exception:
+    except Exception:  # facts are a bonus; an odd header must not fail a download
         return {}
 
 

@@ -147,7 +147,7 @@ class MatrixRunner:
             )
             worker_id.append(w["id"])
             self._update(run_id, job_id, "loading", **measured)
-            w = await self._checked(client, self._ready(client, w["id"]))
+            w = await self._checked(client, client.wait_worker_ready(w["id"], timeout=600))
             measured["load_s"] = round(time.monotonic() - t1, 3)
             url = await client.worker_url(w)
             self._update(run_id, job_id, "running", **measured)
@@ -206,20 +206,6 @@ class MatrixRunner:
             if isinstance(exc, PoolUnreachable) or client.view.state != CONNECTED:
                 raise PoolLost(client.view.reason or str(exc)) from None
             raise
-
-    async def _ready(self, client: PoolClient, worker_id: str, timeout: float = 600) -> dict[str, Any]:
-        """Poll the node's reconciled worker list (no fixed sleeps: it asks /health each time)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            w = next((x for x in await client.workers() if x["id"] == worker_id), None)
-            if w is None:
-                raise RbeeError(f"worker {worker_id} vanished")
-            if w["state"] in ("ready", "busy"):
-                return w
-            if w["state"] == "exited":
-                raise RbeeError(f"worker died while starting: {w.get('reason', '')}")
-            await asyncio.sleep(0.05)
-        raise RbeeError(f"worker {worker_id} not ready after {timeout:.0f}s")
 
     async def _generate(self, url: str, engine: str) -> tuple[dict[str, Any], dict[str, Any]]:
         import aiohttp

@@ -311,6 +311,20 @@ class PoolClient:
         self._emit("workers", self.view.workers)
         return self.view.workers
 
+    async def wait_worker_ready(self, worker_id: str, timeout: float = 300) -> dict[str, Any]:
+        """Poll the node's reconciled worker list (it asks /health each time) until the worker is ready."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            w = next((x for x in await self.workers() if x["id"] == worker_id), None)
+            if w is None:
+                raise RbeeError(f"worker {worker_id} vanished")
+            if w["state"] in ("ready", "busy"):
+                return w
+            if w["state"] == "exited":
+                raise RbeeError(f"worker {worker_id} died while starting: {w.get('reason', '')}")
+            await asyncio.sleep(0.05)
+        raise RbeeError(f"worker {worker_id} was not ready after {timeout:.0f}s")
+
     async def worker_url(self, worker: dict[str, Any]) -> str:
         """A URL that reaches the worker from this machine: direct for the local pool, a tunnel for SSH pools."""
         if self.transport is None:

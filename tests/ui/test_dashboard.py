@@ -6,7 +6,6 @@ import asyncio
 import os
 from pathlib import Path
 
-import pytest
 from textual.widgets import DataTable, Input, ProgressBar, Static
 
 from rbee_tui.app import RbeeApp
@@ -212,14 +211,6 @@ async def test_add_pool_form_writes_the_config(models_dir: Path, isolated_home: 
     saved = config.load()
     assert [p.name for p in saved.pools] == ["local", "gpu-box"]
     assert saved.pool("gpu-box").host == "gpu-box.home.arpa" and saved.pool("gpu-box").backends == ("cuda",)
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch):
-    server = HubServer().start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    yield server
-    server.stop()
 
 
 async def test_overview_shows_every_pool(models_dir: Path) -> None:

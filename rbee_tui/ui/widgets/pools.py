@@ -87,7 +87,9 @@ class PoolCard(Vertical):
         yield Static("", classes="card-workers")
 
     def show(self, state: str, reason: str, sample: dict[str, Any] | None, workers: list[dict[str, Any]]) -> None:
-        """Render the card."""
+        """Render the card (a card still being composed waits for the next sample)."""
+        if not self.query(".card-state"):
+            return
         self.query_one(".card-state", Label).update(state if not reason else f"{state}: {reason}")
         self.set_class(state == "lost", "-lost")
         ram = sample["ram"]["percent"] if sample else 0.0
