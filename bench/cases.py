@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import json
 import os
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -203,13 +206,173 @@ def readiness(smoke: bool) -> Iterator[dict[str, Any]]:
     yield row("readiness: loaded -> known ready", gap, "ms", "<= 100 ms", 10000.0, 10000.0 / gap, gap <= 100.0)
 
 
+def ssh_pool(name: str, sshd: Any, key: Path, home: Path, hive_command: str) -> Any:
+    """A pool config for the node behind `sshd` (the benchmarks' own sshd on loopback)."""
+    import getpass
+
+    from rbee_tui.config import PoolConfig
+
+    return PoolConfig(
+        name=name,
+        transport="ssh",
+        host="127.0.0.1",
+        port=sshd.port,
+        user=getpass.getuser(),
+        identity_file=str(key),
+        known_hosts=str(sshd.known_hosts),
+        models_dir=str(home / "node" / "models"),
+        hive_command=hive_command,
+    )
+
+
+def ssh_argv(sshd: Any, key: Path) -> list[str]:
+    """`ssh` to that node as a user's script would: a new connection each time."""
+    import getpass
+
+    known = f"UserKnownHostsFile={sshd.known_hosts}"
+    user = f"{getpass.getuser()}@127.0.0.1"
+    return ["ssh", "-i", str(key), "-p", str(sshd.port), "-o", known, "-o", "BatchMode=yes", user]
+
+
+# -- 3. matrix wall time ------------------------------------------------------------------------------------
+
+MATRIX_SPECS = {  # three architectures and sizes; each cell's pure work is about a second on one core
+    "mx-llama-60m": dict(n_embd=640, n_layer=10, n_head=10, n_head_kv=10, n_ff=1792, seed=31),
+    "mx-qwen2-45m": dict(arch="qwen2", n_embd=512, n_layer=10, n_head=8, n_head_kv=8, n_ff=1536, seed=32),
+    "mx-llama-30m": dict(n_embd=384, n_layer=8, n_head=6, n_head_kv=6, n_ff=1024, seed=33),
+}
+
+
+def _matrix_models(smoke: bool) -> dict[str, Path]:
+    from rbee_tui.tinymodel import TinySpec, write_model
+
+    if smoke:
+        return {"tiny": model("tiny", True)}
+    out = {}
+    for name, spec in MATRIX_SPECS.items():
+        path = CACHE / f"{name}.gguf"
+        if not path.exists():
+            write_model(path, TinySpec(name=name, n_ctx=1024, f16=True, **spec))
+        out[name] = path
+    return out
+
+
+def _seeds_flow(pools: dict[str, Any], models: list[str], max_tokens: int, ssh: list[str]) -> float:
+    """The seeds' serial flow, as their script did it: per cell spawn, sleep 10, curl, stop (over ssh when remote)."""
+    t0 = time.perf_counter()
+    for name, pool in pools.items():
+        prefix = [*ssh, shlex.join(pool.hive_command.split())] if pool.transport == "ssh" else pool.hive_command.split()
+        common = ["--pool-id", name, "--models-dir", pool.models_dir]
+
+        def run(*args: str, prefix: list[str] = prefix, remote: bool = pool.transport == "ssh") -> str:
+            argv = [*prefix[:-1], f"{prefix[-1]} {shlex.join(args)}"] if remote else [*prefix, *args]
+            return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120).stdout
+
+        for m in models:
+            w = json.loads(run(*common, "worker", "spawn", "cpu", "--model", m, "--json").splitlines()[-1])
+            time.sleep(10)
+            body = json.dumps({"prompt": "Hello, how are you?", "max_tokens": max_tokens, "seed": 42})
+            curl = ["curl", "-s", "-N", "-X", "POST", f"http://127.0.0.1:{w['port']}/execute", "-d", body]
+            if pool.transport == "ssh":
+                subprocess.run([*ssh, shlex.join(curl)], capture_output=True, check=True, timeout=120)
+            else:
+                subprocess.run(curl, capture_output=True, check=True, timeout=120)
+            run(*common, "worker", "stop", w["id"], "--json")
+    return time.perf_counter() - t0
+
+
+def matrix(smoke: bool) -> Iterator[dict[str, Any]]:
+    import shutil
+
+    from rbee_tui.config import PoolConfig
+    from rbee_tui.matrix.plan import Cell
+    from rbee_tui.matrix.scheduler import MatrixRunner
+    from rbee_tui.matrix.store import Store
+    from rbee_tui.pools.client import PoolClient
+    from tests.support.cleanup import kill_workers
+    from tests.support.hub import HubServer
+    from tests.support.sshd import Sshd, environment_for, keygen, sshd_available
+
+    if sshd_available():
+        return
+    home = isolated()
+    models = _matrix_models(smoke)
+    max_tokens = 8 if smoke else 64
+    hub = HubServer().start()
+    for name, path in models.items():
+        hub.add("rbee-bench/matrix-GGUF", f"{name}.gguf", path=path)
+    os.environ["HF_ENDPOINT"] = hub.url
+    key = keygen(home / "key")
+    sshd = Sshd(home / "sshd", key, env=environment_for(home / "node", hub.url)).start()
+    hive = str(Path(sys.executable).with_name("rbee-hive"))
+    # Two machines of one core each, on this machine's two cores: each pool (and so each of its workers, which
+    # use the CPUs they may run on) is pinned to its own core, and so is its in-process critical path.
+    pin = shutil.which("taskset") and len(os.sched_getaffinity(0)) >= 2
+    cores = {"local": "0", "remote": "1"}
+
+    def hive_for(pool: str) -> str:
+        return f"taskset -c {cores[pool]} {hive}" if pin else hive
+
+    pools = {
+        "local": PoolConfig(name="local", models_dir=str(home / "local-models"), hive_command=hive_for("local")),
+        "remote": ssh_pool("remote", sshd, key, home, hive_for("remote")),
+    }
+    ssh = ssh_argv(sshd, key)
+
+    async def prepare_and_run() -> tuple[float, list[dict[str, Any]]]:
+        clients = {name: PoolClient(p) for name, p in pools.items()}
+        for c in clients.values():
+            c.start()
+        try:
+            for c in clients.values():
+                await c.wait_connected(30)
+                for name in models:
+                    repo_file = f"{name}.gguf"
+                    await c.hive("models", "register", name, "--repo", "rbee-bench/matrix-GGUF", "--file", repo_file)
+                    async for _ in c.hive_stream("models", "download", name):
+                        pass
+            cells = [Cell(m, p, "cpu", 0) for p in pools for m in models]
+            store = Store(home / "matrix.db")
+            runner = MatrixRunner(clients, store, max_tokens=max_tokens)
+            t0 = time.perf_counter()
+            run_id = await runner.run(cells)
+            wall = time.perf_counter() - t0
+            return wall, store.jobs(run_id)
+        finally:
+            for c in clients.values():
+                await c.close()
+
+    try:
+        wall, jobs = asyncio.run(prepare_and_run())
+        failed = [j for j in jobs if j["state"] != "passed"]
+        if failed:
+            raise RuntimeError(f"matrix cells did not pass: {[(j['cell'], j['reason']) for j in failed]}")
+        paths = [str(p) for p in models.values()]
+        per_pool = []
+        for pool in pools:
+            argv = [sys.executable, "-m", "bench.pure", "--max-tokens", str(max_tokens), *paths]
+            argv = ["taskset", "-c", cores[pool], *argv] if pin else argv
+            done = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
+            per_pool.append(sum(json.loads(done.stdout.splitlines()[-1])))
+        critical = max(per_pool)
+        seeds = None if smoke else _seeds_flow(pools, list(models), max_tokens, ssh)
+    finally:
+        sshd.stop()
+        hub.stop()
+        kill_workers(home)
+    n = f"{len(models)}x{len(pools)}"
+    yield row(
+        f"matrix {n}: wall vs critical path", wall, "s", "<= 1.2x", critical, wall / critical, wall / critical <= 1.2
+    )
+    if seeds is not None:
+        yield row(f"matrix {n}: vs seeds' serial flow", wall, "s", "report", seeds, seeds / wall)
+
+
 # -- 4. remote command latency ------------------------------------------------------------------------------
 
 
 def remote_latency(smoke: bool) -> Iterator[dict[str, Any]]:
-    import getpass
 
-    from rbee_tui.config import PoolConfig
     from rbee_tui.pools.client import PoolClient
     from tests.support.sshd import Sshd, environment_for, keygen, sshd_available
 
@@ -219,17 +382,7 @@ def remote_latency(smoke: bool) -> Iterator[dict[str, Any]]:
     key = keygen(home / "key")
     sshd = Sshd(home / "sshd", key, env=environment_for(home / "node")).start()
     hive = str(Path(sys.executable).with_name("rbee-hive"))
-    pool = PoolConfig(
-        name="bench",
-        transport="ssh",
-        host="127.0.0.1",
-        port=sshd.port,
-        user=getpass.getuser(),
-        identity_file=str(key),
-        known_hosts=str(sshd.known_hosts),
-        models_dir=str(home / "node" / "models"),
-        hive_command=hive,
-    )
+    pool = ssh_pool("bench", sshd, key, home, hive)
     n = 3 if smoke else 15
 
     async def persistent() -> list[float]:
@@ -247,26 +400,8 @@ def remote_latency(smoke: bool) -> Iterator[dict[str, Any]]:
     try:
         ours = statistics.median(asyncio.run(persistent())) * 1000.0
         fresh = []
-        cmd = [
-            "ssh",
-            "-i",
-            str(key),
-            "-p",
-            str(sshd.port),
-            "-o",
-            f"UserKnownHostsFile={sshd.known_hosts}",
-            "-o",
-            "BatchMode=yes",
-            f"{getpass.getuser()}@127.0.0.1",
-            hive,
-            "--pool-id",
-            "bench",
-            "--models-dir",
-            pool.models_dir,
-            "models",
-            "catalog",
-            "--json",
-        ]
+        cmd = [*ssh_argv(sshd, key), hive, "--pool-id", "bench", "--models-dir", pool.models_dir]
+        cmd += ["models", "catalog", "--json"]
         for _ in range(n):
             t0 = time.perf_counter()
             subprocess.run(cmd, capture_output=True, check=True, timeout=60)
@@ -312,6 +447,46 @@ def metrics(smoke: bool) -> Iterator[dict[str, Any]]:
         cost / max(statistics.median(floor), 1e-6),
     )
     yield row("metrics: agent CPU at 1 Hz", cost / 10.0, "%", "<= 0.5% of a core", None, None, cost / 10.0 <= 0.5)
+    # The whole agent process as it runs for the dashboard, beside glances (its stdout mode, the same readings,
+    # the same interval) when it is installed: CPU seconds over a window after both have started.
+    window = 3.0 if smoke else 30.0
+    ours = _process_cpu_share([str(Path(sys.executable).with_name("rbee-hive")), "metrics", "--json"], window)
+    glances = shutil.which("glances") or str(Path(sys.executable).with_name("glances"))
+    peer = None
+    if Path(glances).exists():
+        fields = "cpu.total,percpu,mem,memswap,load,diskio,network,sensors"
+        peer = _process_cpu_share([glances, "--stdout", fields, "-t", "1"], window)
+    yield row(
+        "metrics: agent process at 1 Hz",
+        ours,
+        "%",
+        "<= 0.5% of a core",
+        peer,
+        None if peer is None else peer / max(ours, 1e-6),
+        ours <= 0.5,
+        peer_name="glances --stdout" if peer is not None else "glances not installed",
+    )
+
+
+def _process_cpu_share(argv: list[str], window: float, warmup: float = 3.0) -> float:
+    """Percent of one core that a command uses once started, measured over `window` seconds."""
+    import psutil
+
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ps = psutil.Process(proc.pid)
+        time.sleep(warmup)  # its start-up (imports, first readings) is not what it costs to keep running
+        c0, t0 = sum(ps.cpu_times()[:2]), time.perf_counter()
+        time.sleep(window)
+        c1, t1 = sum(ps.cpu_times()[:2]), time.perf_counter()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return (c1 - c0) / (t1 - t0) * 100.0
 
 
 # -- 7. downloads -------------------------------------------------------------------------------------------
@@ -366,10 +541,152 @@ def downloads(smoke: bool) -> Iterator[dict[str, Any]]:
     )
 
 
+# -- 6. dashboard under load --------------------------------------------------------------------------------
+
+
+class Terminal:
+    """A program on a pseudo-terminal of a fixed size; everything it draws is kept with the time it came."""
+
+    def __init__(self, argv: list[str], cols: int = 160, rows: int = 50) -> None:
+        import fcntl
+        import struct
+        import termios
+        import threading
+
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        env = {**os.environ, "TERM": "xterm-256color", "COLORTERM": "truecolor"}
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True, cwd=ROOT
+        )
+        os.close(slave)
+        self.fd = master
+        self.chunks: list[tuple[float, bytes]] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except OSError:
+                data = b""
+            with self.cond:
+                if not data:
+                    self.chunks.append((time.perf_counter(), b""))
+                    self.cond.notify_all()
+                    return
+                self.chunks.append((time.perf_counter(), data))
+                self.cond.notify_all()
+
+    def send(self, data: bytes) -> tuple[float, int]:
+        """Type `data`; return when, and where in the output that was."""
+        with self.cond:
+            mark = len(self.chunks)
+        t0 = time.perf_counter()
+        os.write(self.fd, data)
+        return t0, mark
+
+    def wait_for(self, needle: bytes, since: int = 0, timeout: float = 10.0) -> float:
+        """The time at which `needle` had been drawn, looking from chunk `since` on."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                seen = b""
+                for t, data in self.chunks[since:]:
+                    seen += data
+                    if needle in seen:
+                        return t
+                if self.chunks and self.chunks[-1][1] == b"":
+                    raise RuntimeError(f"the program ended before drawing {needle!r}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{needle!r} not drawn after {timeout}s")
+                self.cond.wait(left)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.fd, b"q")
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _drive_dashboard(pools: int, workers: int, presses: int, window: float) -> tuple[float, float, list[float]]:
+    """Start the loaded dashboard on a terminal; return its first paint (s), idle CPU share (%) and key latencies."""
+    import random
+
+    import psutil
+
+    term = Terminal([sys.executable, "-m", "bench.dashboard", "--pools", str(pools), "--workers", str(workers)])
+    try:
+        # First paint: the pool list drawn, from the moment the process was started.
+        first = term.wait_for(b"pool-00", timeout=60) - term.started
+        term.wait_for(b"pool-00: connected", timeout=30)  # the first sample of the selected pool is in
+        proc = psutil.Process(term.proc.pid)
+        # The app's CPU share while it shows a busy fleet (every pool's sample each second) and nobody types.
+        c0, t0 = sum(proc.cpu_times()[:2]), time.perf_counter()
+        time.sleep(window)
+        cpu = (sum(proc.cpu_times()[:2]) - c0) / (time.perf_counter() - t0) * 100.0
+        # Keypress to screen: move through the pool list; the status line names the newly selected pool.
+        rng = random.Random(1)
+        latencies, at, step = [], 0, 1
+        for _ in range(presses):
+            if not 0 <= at + step < pools:
+                step = -step
+            at += step
+            sent, mark = term.send(b"\x1b[B" if step > 0 else b"\x1b[A")
+            drawn = term.wait_for(f"pool-{at:02d}: connected".encode(), since=mark)
+            latencies.append((drawn - sent) * 1000.0)
+            time.sleep(rng.uniform(0.1, 0.4))  # off the beat of the samples, so presses land anywhere in it
+    finally:
+        term.close()
+    return first, cpu, sorted(latencies)
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, round(0.95 * len(ordered)) - 1)]
+
+
+def dashboard(smoke: bool) -> Iterator[dict[str, Any]]:
+    isolated()
+    pools, workers = (4, 2) if smoke else (32, 8)
+    presses, window = (5, 3.0) if smoke else (60, 20.0)
+    # The baseline, in the same run: the same app with two quiet pools (no GPUs' worth of workers).
+    base_first, base_cpu, base_lat = _drive_dashboard(2, 0, presses, window)
+    first, cpu, latencies = _drive_dashboard(pools, workers, presses, window)
+    p95, base_p95 = _p95(latencies), _p95(base_lat)
+    name = f"dashboard {pools}x{workers}"
+    yield row(
+        f"{name}: keypress p95",
+        p95,
+        "ms",
+        "p95 <= 50 ms",
+        base_p95,
+        p95 / base_p95,
+        p95 <= 50.0,
+        median_ms=statistics.median(latencies),
+        baseline_median_ms=statistics.median(base_lat),
+        presses=presses,
+    )
+    yield row(f"{name}: CPU share", cpu, "%", "<= 20 % of a core", base_cpu, cpu / max(base_cpu, 1e-6), cpu <= 20.0)
+    yield row(
+        "dashboard: start to first paint", first * 1000.0, "ms", "<= 1500 ms", base_first * 1000.0, None, first <= 1.5
+    )
+
+
 ALL: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
     "worker": worker_overhead,
     "readiness": readiness,
+    "matrix": matrix,
     "remote": remote_latency,
     "metrics": metrics,
+    "dashboard": dashboard,
     "downloads": downloads,
 }

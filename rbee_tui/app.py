@@ -31,9 +31,12 @@ from rbee_tui.ui.screens.info import ErrorLogScreen, HelpScreen, OverviewScreen,
 from rbee_tui.ui.screens.matrix import MatrixScreen
 from rbee_tui.ui.widgets.downloads import DownloadsPane
 from rbee_tui.ui.widgets.gauges import GaugesPane
+from rbee_tui.ui.widgets.line import Line
 from rbee_tui.ui.widgets.pools import PoolList
+from rbee_tui.ui.widgets.tables import sync_rows
 
 CATALOG_COLUMNS = ("ID", "Name", "Arch", "Size", "Downloaded", "Backends", "On pools")
+SAMPLE_FRAME_S = 0.25  # samples that came in are drawn together this often
 WORKER_COLUMNS = ("ID", "Model", "Backend", "GPU", "Port", "State", "Uptime", "RSS", "VRAM", "Last tok/s")
 
 
@@ -90,6 +93,7 @@ class RbeeApp(App[None]):
         self.selected = config.pools[0].name
         self.errors: list[tuple[float, str]] = []
         self.asked_host_key: set[str] = set()
+        self._samples_due: set[str] = set()
 
     # -- composition --------------------------------------------------------------------------------------
 
@@ -111,7 +115,7 @@ class RbeeApp(App[None]):
                         yield Static("", id="reply")
                 with TabPane("Gauges", id="tab-gauges"):
                     yield GaugesPane(id="gauges")
-        yield Static("", id="status-line")
+        yield Line("", id="status-line")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -121,6 +125,7 @@ class RbeeApp(App[None]):
         self.query_one("#catalog", DataTable).add_columns(*CATALOG_COLUMNS)
         self.query_one("#workers", DataTable).add_columns(*WORKER_COLUMNS)
         self.query_one(PoolList).index = 0
+        self.set_interval(SAMPLE_FRAME_S, self._draw_samples)
         if self.autostart:
             self.fleet.start()
 
@@ -146,6 +151,8 @@ class RbeeApp(App[None]):
 
     def on_fleet_update(self, message: FleetUpdate) -> None:
         ev = message.event
+        if not self.screen_stack:  # quitting: the pools may still be talking while the screens are gone
+            return
         if ev.kind == "error":
             self.report(ev.data)
             return
@@ -158,21 +165,38 @@ class RbeeApp(App[None]):
             return
         if ev.kind == "state" and ev.data[0] == "lost" and "is unknown (SHA256:" in ev.data[1]:
             self.ask_host_key(ev.pool)
+        if ev.kind == "sample":
+            # Samples are drawn together a few times a second: with many pools, a frame per sample kept the
+            # loop busy drawing when a key came in.
+            self._samples_due.add(ev.pool)
+            return
+        self._apply(ev.pool, ev.kind)
+
+    def _draw_samples(self) -> None:
+        due, self._samples_due = self._samples_due, set()
+        if not due or not self.screen_stack or not self.screen_stack[0].query(PoolList):
+            return  # nothing new, or the screens are being taken down on the way out
+        with self.batch_update():
+            for pool in due:
+                self._apply(pool, "sample")
+
+    def _apply(self, pool: str, kind: str) -> None:
+        """Redraw what a change of `kind` in `pool` touches."""
         if isinstance(self.screen, OverviewScreen):
-            self.render_card(ev.pool)
+            self.render_card(pool)
         if self.screen is not self.screen_stack[0] and not isinstance(self.screen, ModalScreen):
             return  # the main screen is covered: it is redrawn whole when it shows again
-        self.render_pool_row(ev.pool)
-        if ev.pool != self.selected:
+        self.render_pool_row(pool)
+        if pool != self.selected:
             return
-        if ev.kind == "catalog":
+        if kind == "catalog":
             self.render_catalog()
-        elif ev.kind == "workers":
+        elif kind == "workers":
             self.render_workers()
-        elif ev.kind in ("sample", "state"):
+        elif kind in ("sample", "state"):
             self.render_gauges()
             self.render_status()
-            if ev.kind == "sample":
+            if kind == "sample":
                 self.render_workers()
 
     def report(self, text: str) -> None:
@@ -184,7 +208,7 @@ class RbeeApp(App[None]):
 
     def render_pool_row(self, pool: str) -> None:
         item = self.query_one(PoolList).item(pool)
-        if item is not None:
+        if item is not None and item.is_mounted:  # a pool just added is drawn by its next event
             view = self.fleet.client(pool).view
             item.show(view.state, view.reason, view.last_sample)
 
@@ -199,40 +223,38 @@ class RbeeApp(App[None]):
         st = view.status
         where = f"{st.get('hostname', '?')} ({st.get('os', '?')})" if st else ""
         text = f"{self.selected}: {view.state}" + (f" - {view.reason}" if view.reason else "") + f"  {where}"
-        self.query_one("#status-line", Static).update(text)
+        self.query_one("#status-line", Line).update(text)
 
     def render_catalog(self) -> None:
-        table = self.query_one("#catalog", DataTable)
         doc = self.fleet.catalogs.get(self.selected, {"models": []})
-        keep = table.cursor_row
-        table.clear()
-        for m in doc["models"]:
-            table.add_row(
+        rows = [
+            (
                 m["id"],
-                m["name"],
-                m["architecture"],
-                human_size(m["size_bytes"]),
-                "✅" if m["downloaded"] else "❌",
-                ",".join(m["backends"]),
-                ",".join(self.fleet.pools_having(m["id"])) or "-",
-                key=m["id"],
+                (
+                    m["id"],
+                    m["name"],
+                    m["architecture"],
+                    human_size(m["size_bytes"]),
+                    "✅" if m["downloaded"] else "❌",
+                    ",".join(m["backends"]),
+                    ",".join(self.fleet.pools_having(m["id"])) or "-",
+                ),
             )
-        if table.row_count:
-            table.move_cursor(row=min(keep, table.row_count - 1))
+            for m in doc["models"]
+        ]
+        sync_rows(self.query_one("#catalog", DataTable), rows)
 
     def render_workers(self) -> None:
-        table = self.query_one("#workers", DataTable)
         view = self.fleet.client(self.selected).view
-        rows = {r["id"]: r for r in (view.last_sample or {}).get("workers", [])}
-        keep = table.cursor_row
-        table.clear()
+        live_rows = {r["id"]: r for r in (view.last_sample or {}).get("workers", [])}
+        rows = []
         for w in [*view.workers, *self.fleet.pending.get(self.selected, [])]:
-            live = rows.get(w["id"], {})
+            live = live_rows.get(w["id"], {})
             rss = live.get("rss_bytes", w.get("rss_bytes"))
             vram = live.get("vram_bytes")
             tps = self.fleet.last_tps.get((self.selected, w["id"]))
             state = w["state"] if w["state"] != "exited" else f"exited ({w.get('reason', '')[:40]})"
-            table.add_row(
+            cells = (
                 w["id"],
                 w["model"],
                 w["backend"],
@@ -243,10 +265,9 @@ class RbeeApp(App[None]):
                 human_size(rss or 0),
                 human_size(vram) if vram else "-",
                 f"{tps:.1f}" if tps else "-",
-                key=w["id"],
             )
-        if table.row_count:
-            table.move_cursor(row=min(keep, table.row_count - 1))
+            rows.append((w["id"], cells))
+        sync_rows(self.query_one("#workers", DataTable), rows)
 
     def render_gauges(self) -> None:
         view = self.fleet.client(self.selected).view
@@ -262,8 +283,8 @@ class RbeeApp(App[None]):
 
     @on(PoolList.Selected)
     def pool_selected(self, message: PoolList.Selected) -> None:
+        # The status line names the pool; a header subtitle would cost a layout pass of the screen per switch.
         self.selected = message.pool
-        self.sub_title = message.pool
         self.render_all()
 
     # -- selection helpers ---------------------------------------------------------------------------------
@@ -464,9 +485,7 @@ class RbeeApp(App[None]):
             return
         pools = self.query_one(PoolList)
         if pools.item(pool.name) is None:
-            from rbee_tui.ui.widgets.pools import PoolItem
-
-            pools.append(PoolItem(pool.name))
+            pools.add(pool.name)
         self.notify(f"pool {pool.name} saved to {self.fleet.config.path}")
 
     def ask_host_key(self, pool: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from rbee_tui import config as cfgmod
 from rbee_tui.config import Config, PoolConfig
 from rbee_tui.errors import RbeeError
+from rbee_tui.matrix.store import FINAL
 from rbee_tui.names import check_backends, check_id, check_repo, check_repo_file
 from rbee_tui.pools.client import PoolClient, PoolEvent
 from rbee_tui.worker.client import execute
@@ -391,7 +392,7 @@ class MatrixBoard:
     def counts(self) -> dict[str, int]:
         """Cells by outcome."""
         states = [self.jobs.get(c.key, {}).get("state", "not run") for c in self.cells]
-        done = sum(s in ("passed", "failed", "skipped", "pool lost", "cancelled", "interrupted") for s in states)
+        done = sum(s in FINAL for s in states)
         return {
             "total": len(self.cells),
             "done": done,
@@ -408,11 +409,7 @@ class MatrixBoard:
         if not self.running or not finished:
             return None
         per_job = (time.time() - self.started) / finished
-        left = [
-            k
-            for k, j in self.jobs.items()
-            if j.get("state") not in ("passed", "failed", "skipped", "pool lost", "cancelled", "interrupted")
-        ]
+        left = [k for k, j in self.jobs.items() if j.get("state") not in FINAL]
         pools = len({k.rsplit("@", 1)[-1] for k in left}) or 1
         return per_job * len(left) / pools
 

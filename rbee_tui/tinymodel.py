@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 TINY_TEST_ID = "tiny-test"
 TINY_TEST_FILE = "tiny-test.gguf"
@@ -73,6 +72,7 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
 def write_model(path: Path, spec: TinySpec = TINY_TEST) -> Path:
     """Write a GGUF model of `spec` to `path` atomically; the same spec always gives the same bytes."""
     import gguf
+    import numpy as np  # here, not at the top: the dashboard imports this module and must start fast
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,10 +83,10 @@ def write_model(path: Path, spec: TinySpec = TINY_TEST) -> Path:
     head_dim = spec.n_embd // spec.n_head
     kv = spec.n_head_kv * head_dim
 
-    def rand(*shape: int) -> np.ndarray:
+    def rand(*shape: int) -> Any:
         return (rng.standard_normal(shape, dtype=np.float32) * 0.05).astype(dtype)
 
-    def ones(n: int) -> np.ndarray:
+    def ones(n: int) -> Any:
         # Norm weights stay f32: llama.cpp expects 1-d tensors in f32.
         return np.ones(n, dtype=np.float32)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rbee_tui import __version__
+from rbee_tui import PROTOCOL, __version__
 from rbee_tui import config as cfgmod
 from rbee_tui.catalog import CatalogStore, ensure_not_tiny, human_size, new_entry, render_table
 from rbee_tui.errors import Cancelled, RbeeError
@@ -360,10 +360,16 @@ def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_version(ctx: Context | None, args: argparse.Namespace) -> int:
     if args.json:
-        _emit({"agent_version": __version__, "protocol": 1})
+        _emit({"agent_version": __version__, "protocol": PROTOCOL})
     else:
         print(f"{PROG} {__version__}")
     return 0
+
+
+def cmd_serve(ctx: Context | None, args: argparse.Namespace) -> int:
+    from rbee_tui.hive.serve import serve
+
+    return serve()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="agent and protocol version", parents=[common]).set_defaults(
         fn=cmd_version, no_context=True
     )
+    sub.add_parser(
+        "serve",
+        help="answer JSON requests on stdin, one per line, until it ends (the dashboard's agent)",
+        parents=[common],
+    ).set_defaults(fn=cmd_serve, no_context=True)
     return ap
 
 
@@ -458,9 +469,9 @@ def _quiet_libraries() -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `rbee-hive`; returns the exit status."""
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Entry point of `rbee-hive`; returns the exit status. `serve` passes the parser it built once."""
+    args = (parser or build_parser()).parse_args(argv)
     for name, default in (("json", False), ("config", None), ("pool", None), ("models_dir", None), ("pool_id", None)):
         if not hasattr(args, name):
             setattr(args, name, default)

@@ -13,7 +13,7 @@ from rbee_tui.errors import RbeeError
 from rbee_tui.matrix import export
 from rbee_tui.matrix.plan import Cell, plan
 from rbee_tui.matrix.scheduler import MatrixRunner
-from rbee_tui.matrix.store import Store
+from rbee_tui.matrix.store import FINAL, Store
 from rbee_tui.pools.client import CONNECTED, PoolClient
 
 
@@ -77,7 +77,7 @@ async def run(
             nonlocal done
             if "cell" in job:
                 keys[job["job_id"]] = job["cell"]
-            if job["state"] in ("passed", "failed", "skipped", "pool lost", "cancelled"):
+            if job["state"] in FINAL:
                 done += 1
                 print(_line(done, len(cells), {**job, "cell": keys.get(job["job_id"], "?")}), flush=True)
 

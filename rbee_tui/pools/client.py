@@ -17,14 +17,21 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rbee_tui import __version__
+from rbee_tui import PROTOCOL, __version__
 from rbee_tui.config import PoolConfig
 from rbee_tui.errors import RbeeError
-from rbee_tui.pools.transport import INSTALL_HINT, LocalTransport, SSHTransport, hive_argv, make_transport
+from rbee_tui.pools.agent import Agent
+from rbee_tui.pools.transport import (
+    INSTALL_HINT,
+    LocalTransport,
+    SSHTransport,
+    hive_args,
+    hive_argv,
+    make_transport,
+)
 
 CONNECTING, CONNECTED, LOST, RECONNECTING = "connecting", "connected", "lost", "reconnecting"
 HISTORY = 1200  # 20 minutes at one sample a second
-PROTOCOL = 1
 
 
 class PoolUnreachable(RbeeError):
@@ -76,6 +83,10 @@ class PoolClient:
         self.missed_samples = missed_samples
         self._ssh = {"keepalive_interval": keepalive_interval, "keepalive_count_max": keepalive_count_max}
         self.transport: LocalTransport | SSHTransport | None = None
+        self.agent: Agent | None = None  # `rbee-hive serve` on the node; None: one process per call
+        self.agent_note = ""
+        self._agent_retry_at = 0.0
+        self._agent_lock = asyncio.Lock()
         self.listeners: list[Callable[[PoolEvent], None]] = []
         self.tunnels: dict[str, tuple[int, int, Any]] = {}  # worker id -> (node port, local port, listener)
         self._task: asyncio.Task[None] | None = None
@@ -92,11 +103,12 @@ class PoolClient:
 
     async def close(self) -> None:
         """Stop the background work and close the connection."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        # Cancel until it is done: a cancellation that lands as an awaited result arrives can be lost on the way
+        # (asyncio.wait_for before 3.12 drops it); the pause leaves room for the task's own clean-up.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
         await self._drop_transport()
 
     async def first_outcome(self, timeout: float) -> str:
@@ -109,7 +121,8 @@ class PoolClient:
     async def wait_connected(self, timeout: float) -> None:
         """Wait until the pool is connected, or raise with its last reason."""
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
         except TimeoutError:
             raise RbeeError(f"pool {self.pool.name} is {self.view.state}: {self.view.reason or 'no answer'}") from None
 
@@ -128,7 +141,35 @@ class PoolClient:
             self._connected.clear()
         self._emit("state", (state, reason))
 
+    async def _start_agent(self) -> None:
+        """Start `rbee-hive serve` on the node; without it (an older agent) every call starts its own process."""
+        assert self.transport is not None
+        self._agent_retry_at = time.monotonic() + 5.0
+        try:
+            channel = await self.transport.stream(hive_argv(self.pool, "serve", json_output=False), stdin=True)
+            self.agent = await Agent.open(channel)
+            self.agent_note = ""
+        except Exception as exc:
+            self.agent = None
+            self.agent_note = str(exc) or type(exc).__name__
+
+    async def _live_agent(self) -> Agent | None:
+        if self.agent is not None and self.agent.alive:
+            return self.agent
+        async with self._agent_lock:  # many calls may find it gone at once: start one
+            if self.agent is not None and not self.agent.alive:  # it ended under a live connection
+                await self.agent.close()
+                self.agent = None
+            if self.agent is None and self.transport is not None and time.monotonic() >= self._agent_retry_at:
+                await self._start_agent()
+        return self.agent
+
     async def _drop_transport(self) -> None:
+        agent, self.agent = self.agent, None
+        if agent is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await agent.close()
         for _, _, listener in self.tunnels.values():
             if listener is not None:
                 listener.close()
@@ -142,6 +183,7 @@ class PoolClient:
             try:
                 self.transport = make_transport(self.pool, **self._ssh)
                 await self.transport.connect()
+                await self._start_agent()
                 await self._handshake()
             except (TimeoutError, RbeeError, OSError) as exc:
                 await self._drop_transport()
@@ -192,8 +234,10 @@ class PoolClient:
         finally:
             for task in (closed, metrics):
                 task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            await asyncio.wait({closed, metrics})  # unlike awaiting each, lets our own cancellation through
+            for task in (closed, metrics):
+                if not task.cancelled():
+                    task.exception()  # retrieved: it was reported above, or does not matter any more
 
     async def _metrics_loop(self) -> str:
         """Keep one metrics stream open; restart it when it dies; give up only after several silent intervals."""
@@ -215,7 +259,8 @@ class PoolClient:
                 while True:
                     timeout = self.sample_interval * self.missed_samples + 5
                     try:
-                        line = await asyncio.wait_for(lines.__anext__(), timeout)
+                        async with asyncio.timeout(timeout):
+                            line = await lines.__anext__()
                     except StopAsyncIteration:
                         break
                     except TimeoutError:
@@ -254,9 +299,12 @@ class PoolClient:
     async def _call(self, *args: str, timeout: float = 120) -> Any:
         if self.transport is None:
             raise PoolUnreachable(f"pool {self.pool.name} is {self.view.state}: {self.view.reason or 'no connection'}")
-        argv = hive_argv(self.pool, *args)
         try:
-            rc, out, err = await self.transport.run(argv, timeout)
+            agent = await self._live_agent()
+            if agent is not None:
+                rc, out, err = await agent.run(hive_args(self.pool, *args), timeout)
+            else:
+                rc, out, err = await self.transport.run(hive_argv(self.pool, *args), timeout)
         except TimeoutError:
             raise RbeeError(
                 f"pool {self.pool.name}: `rbee-hive {' '.join(args)}` timed out after {timeout:.0f}s"

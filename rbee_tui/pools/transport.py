@@ -26,11 +26,16 @@ INSTALL_HINT = (
 )
 
 
+def hive_args(pool: PoolConfig, *args: str, json_output: bool = True) -> list[str]:
+    """The arguments of an `rbee-hive` call for `pool` (after the command itself): identity, models dir, ARGS."""
+    check_id(pool.name, "pool name")
+    argv = ["--pool-id", pool.name, "--models-dir", pool.models_dir, *args]
+    return [*argv, "--json"] if json_output and "--json" not in args else argv
+
+
 def hive_argv(pool: PoolConfig, *args: str, json_output: bool = True) -> list[str]:
     """The argument vector of an `rbee-hive` call for `pool`, with the pool's identity and models dir."""
-    check_id(pool.name, "pool name")
-    argv = [*shlex.split(pool.hive_command), "--pool-id", pool.name, "--models-dir", pool.models_dir, *args]
-    return [*argv, "--json"] if json_output and "--json" not in args else argv
+    return [*shlex.split(pool.hive_command), *hive_args(pool, *args, json_output=json_output)]
 
 
 def _local_hive(argv: list[str]) -> list[str]:
@@ -44,11 +49,18 @@ def _local_hive(argv: list[str]) -> list[str]:
 
 
 class Stream:
-    """A running command whose stdout is read line by line."""
+    """A running command whose stdout is read line by line, and whose stdin can be written."""
 
-    def __init__(self, lines: AsyncIterator[str], terminate: Any) -> None:
+    def __init__(self, lines: AsyncIterator[str], terminate: Any, send: Any = None) -> None:
         self.lines = lines
         self._terminate = terminate
+        self._send = send
+
+    async def write(self, text: str) -> None:
+        """Send `text` to the command's stdin (a stream opened with `stdin=True`)."""
+        if self._send is None:
+            raise RbeeError("this stream takes no input")
+        await self._send(text)
 
     async def close(self) -> None:
         """Stop the command."""
@@ -86,9 +98,10 @@ class LocalTransport:
             raise TimeoutError from None
         return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
 
-    async def stream(self, argv: list[str]) -> Stream:
+    async def stream(self, argv: list[str], stdin: bool = False) -> Stream:
         proc = await asyncio.create_subprocess_exec(
             *_local_hive(argv),
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
             env=os.environ.copy(),
@@ -100,16 +113,24 @@ class LocalTransport:
             async for raw in proc.stdout:
                 yield raw.decode("utf-8", "replace")
 
+        async def send(text: str) -> None:
+            assert proc.stdin is not None
+            proc.stdin.write(text.encode())
+            await proc.stdin.drain()
+
         async def terminate() -> None:
+            if proc.stdin is not None:
+                proc.stdin.close()
             if proc.returncode is None:
                 proc.terminate()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), 5)
+                    async with asyncio.timeout(5):
+                        await proc.wait()
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
 
-        return Stream(lines(), terminate)
+        return Stream(lines(), terminate, send if stdin else None)
 
     async def forward(self, port: int) -> tuple[int, Any]:
         return port, None
@@ -193,11 +214,12 @@ class SSHTransport:
 
     async def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
         async with self.sessions:
-            result = await asyncio.wait_for(self.conn.run(shlex.join(argv), check=False), timeout)
+            async with asyncio.timeout(timeout):
+                result = await self.conn.run(shlex.join(argv), check=False)
         rc = result.exit_status if result.exit_status is not None else 255
         return rc, str(result.stdout or ""), str(result.stderr or "")
 
-    async def stream(self, argv: list[str]) -> Stream:
+    async def stream(self, argv: list[str], stdin: bool = False) -> Stream:
         await self.sessions.acquire()
         try:
             proc = await self.conn.create_process(shlex.join(argv))
@@ -214,12 +236,17 @@ class SSHTransport:
             nonlocal released
             proc.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(proc.wait_closed(), 5)
+                async with asyncio.timeout(5):
+                    await proc.wait_closed()
             if not released:
                 released = True
                 self.sessions.release()
 
-        return Stream(lines(), terminate)
+        async def send(text: str) -> None:
+            proc.stdin.write(text)  # the channel encodes: it was opened with asyncssh's default utf-8
+            await proc.stdin.drain()
+
+        return Stream(lines(), terminate, send if stdin else None)
 
     async def forward(self, port: int) -> tuple[int, Any]:
         """A local port that reaches the node's 127.0.0.1:`port` through this connection."""
@@ -230,7 +257,8 @@ class SSHTransport:
         if self.conn is not None:
             self.conn.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.conn.wait_closed(), 5)
+                async with asyncio.timeout(5):
+                    await self.conn.wait_closed()
 
 
 def make_transport(pool: PoolConfig, **ssh_options: Any) -> LocalTransport | SSHTransport:

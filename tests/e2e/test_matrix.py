@@ -83,7 +83,13 @@ def lab(tmp_path: Path, generated: dict[str, Path], hive) -> Iterator[tuple[Site
 def matrix_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`rbee-tui --config CFG matrix run ARGS` as a script would call it."""
     cmd = [sys.executable, "-m", "rbee_tui.cli", "--config", str(cfg), "matrix", "run", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    try:
+        # Under the suite's own timeout, so that a stuck run shows how far it got.
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=200)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(f"the matrix run did not finish in 200 s:\n{out}\n{err}")
 
 
 def md_marks(text: str) -> dict[tuple[str, str], str]:

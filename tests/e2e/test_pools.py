@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import psutil
 import pytest
 
 from rbee_tui.errors import RbeeError
@@ -284,3 +285,47 @@ async def test_a_missing_agent_names_the_install_command(site: Site) -> None:
         assert "pip install" in c.view.reason
     finally:
         await c.close()
+
+
+def _agents(pool: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[-1] == "serve" and pool in cmd:
+            found.append(p)
+    return found
+
+
+async def test_calls_go_through_one_agent_which_is_restarted_if_killed(clients: dict[str, PoolClient]) -> None:
+    a = clients["pool-a"]
+    assert a.agent is not None and a.agent.hello["protocol"] == 1
+    before = a.agent.calls
+    for _ in range(5):
+        await a.hive("models", "catalog")
+    assert a.agent.calls == before + 5
+    (agent,) = _agents("pool-a")  # one long-lived process on the node serves them all
+    agent.kill()
+    await until(lambda: a.agent is not None and not a.agent.alive, 10, "the client to see the agent gone")
+    # The next calls still work (one process per call until the agent is back), then go through a new agent.
+    assert (await a.hive("models", "catalog"))["pool_id"] == "pool-a"
+    a._agent_retry_at = 0  # skip the pause between restarts
+    assert (await a.hive("models", "catalog"))["pool_id"] == "pool-a"
+    assert a.agent is not None and a.agent.alive
+    (again,) = _agents("pool-a")
+    assert again.pid != agent.pid and a.view.state == CONNECTED
+
+
+async def test_close_returns_while_samples_pour_in(site: Site) -> None:
+    # A cancellation that lands just as a sample arrives must not be lost: close() would wait forever and leave the
+    # node's agent and metrics stream running. Samples every 10 ms make that moment likely on every try.
+    for attempt in range(25):
+        c = PoolClient(site.pools["pool-a"], sample_interval=0.01)
+        c.start()
+        await c.wait_connected(30)
+        await until(lambda c=c: len(c.view.history) >= 3, 10, "samples to flow")
+        try:
+            async with asyncio.timeout(4):  # under close()'s own 5 s second try: the first cancel must do
+                await c.close()
+        except TimeoutError:
+            pytest.fail(f"close() did not return (try {attempt})")
+        await until(lambda: not _agents("pool-a"), 10, "the node's agent to end")

@@ -9,6 +9,7 @@ import pytest
 
 from rbee_tui.app import RbeeApp
 from rbee_tui.config import Config
+from rbee_tui.ui.widgets.line import Line
 from rbee_tui.ui.widgets.pools import PoolList
 from tests.support import waiting
 from tests.support.hub import HubServer
@@ -34,7 +35,7 @@ async def until(pilot, predicate, timeout: float = 30, what: str = "") -> float:
 def row_text(app: RbeeApp, pool: str) -> str:
     item = app.query_one(PoolList).item(pool)
     assert item is not None
-    return " ".join(str(label.render()) for label in item.query("Label"))
+    return " ".join(line.text for line in item.query(Line))
 
 
 async def test_two_pools_live_and_one_lost(site: Site) -> None:

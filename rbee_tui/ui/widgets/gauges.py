@@ -7,10 +7,12 @@ from typing import Any
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
+from textual.css.query import NoMatches
 from textual.widget import Widget
 from textual.widgets import Label, ProgressBar, Sparkline, Static
 
 from rbee_tui.ui.format import gib, level, rate
+from rbee_tui.ui.widgets.line import Line
 
 HISTORY_POINTS = 120  # the sparkline shows the last two minutes at 1 Hz
 
@@ -31,25 +33,39 @@ class Gauge(Widget):
         super().__init__(id=id)
         self.label = name
         self.warn, self.crit = warn, crit
+        self._reading: tuple[float | None, str, list[float]] | None = None
 
     def compose(self) -> ComposeResult:
         with Horizontal():
             yield Label(self.label, classes="gauge-name")
             yield ProgressBar(total=100, show_eta=False, show_percentage=False)
-            yield Label("unknown", classes="gauge-value")
+            yield Line("unknown", classes="gauge-value")
         yield Sparkline([], summary_function=max)
+
+    def on_mount(self) -> None:
+        # A gauge mounted while samples flow may be given a reading before its children exist: draw it once
+        # they do.
+        self.call_after_refresh(self._redraw)
+
+    def _redraw(self) -> None:
+        if self._reading is not None:
+            self.show(*self._reading)
 
     def show(self, percent: float | None, text: str, history: Iterable[float] = ()) -> None:
         """Render a reading: `percent` fills the bar (None means not reported), `text` says the numbers."""
-        bar = self.query_one(ProgressBar)
+        self._reading = (percent, text, list(history)[-HISTORY_POINTS:])
+        try:
+            bar = self.query_one(ProgressBar)
+        except NoMatches:
+            return  # not composed yet: on_mount draws the kept reading
         bar.update(progress=percent or 0.0)
-        self.query_one(".gauge-value", Label).update(text)
-        for cls in ("-warn", "-crit", "-unknown"):
-            self.remove_class(cls)
+        self.query_one(".gauge-value", Line).update(text)
+        # Classes only when the level changes: each change re-applies the stylesheet to the gauge and its children.
         cls = "-unknown" if percent is None else level(percent, self.warn, self.crit)
-        if cls:
-            self.add_class(cls)
-        self.query_one(Sparkline).data = list(history)[-HISTORY_POINTS:] or [0.0]
+        for name in ("-warn", "-crit", "-unknown"):
+            if self.has_class(name) != (name == cls):
+                self.set_class(name == cls, name)
+        self.query_one(Sparkline).data = self._reading[2] or [0.0]
 
 
 def _pct(used: float | None, total: float | None) -> float | None:
@@ -59,8 +75,13 @@ def _pct(used: float | None, total: float | None) -> float | None:
 class GaugesPane(VerticalScroll):
     """All the gauges of the selected pool, redrawn from its latest sample and history."""
 
+    def __init__(self, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._gpu_gauges: dict[str, Gauge] = {}
+        self._gpu_layout: list[str] | None = None  # the GPU gauges mounted (ids); None until the first sample
+
     def compose(self) -> ComposeResult:
-        yield Static("waiting for the first sample…", id="gauges-note")
+        yield Line("waiting for the first sample…", id="gauges-note")
         yield Gauge("RAM", id="g-ram")
         yield Gauge("Swap", warn=25, crit=60, id="g-swap")
         yield Gauge("CPU", id="g-cpu")
@@ -72,7 +93,7 @@ class GaugesPane(VerticalScroll):
 
     def render_sample(self, sample: dict[str, Any] | None, history: list[dict[str, Any]], cpus: int) -> None:
         """Redraw every gauge."""
-        note = self.query_one("#gauges-note", Static)
+        note = self.query_one("#gauges-note", Line)
         if sample is None:
             note.update("waiting for the first sample…")
             return
@@ -124,40 +145,42 @@ class GaugesPane(VerticalScroll):
         box = self.query_one("#gpu-gauges", VerticalScroll)
         gpus = sample.get("gpus") or []
         wanted = [f"gpu{g['index']}-{kind}" for g in gpus for kind in ("vram", "util", "temp", "power")]
-        have = [w.id for w in box.query(Gauge)]
-        if have != wanted:
+        # Our own record of what is mounted: the DOM lags behind a mount, and samples do not wait for it.
+        if wanted != self._gpu_layout:
             box.remove_children()
+            self._gpu_gauges = {}
+            self._gpu_layout = wanted
             if not gpus:
                 box.mount(Static(f"GPUs: {sample.get('gpus_reason', 'none')}", classes="gpu-reason"))
             for g in gpus:
                 i = g["index"]
-                box.mount(
+                for gauge in (
                     Gauge(f"GPU{i} VRAM", id=f"gpu{i}-vram"),
                     Gauge(f"GPU{i} util", warn=101, crit=101, id=f"gpu{i}-util"),
                     Gauge(f"GPU{i} temp", id=f"gpu{i}-temp"),
                     Gauge(f"GPU{i} power", warn=101, crit=101, id=f"gpu{i}-power"),
-                )
-            self.call_after_refresh(self._render_gpus, sample, history)
-            return
+                ):
+                    self._gpu_gauges[str(gauge.id)] = gauge
+            box.mount_all(self._gpu_gauges.values())
         for g in gpus:
             i = g["index"]
             past = [(h.get("gpus") or [{}] * (i + 1))[i] if len(h.get("gpus") or []) > i else {} for h in history]
             vram = _pct(g["memory_used"], g["memory_total"])
-            self.query_one(f"#gpu{i}-vram", Gauge).show(
+            self._gpu_gauges[f"gpu{i}-vram"].show(
                 vram,
                 f"{gib(g['memory_used'])} / {gib(g['memory_total'])}  {g['name']}",
                 [_pct(p.get("memory_used"), p.get("memory_total")) or 0.0 for p in past],
             )
             util = g["util_percent"]
-            self.query_one(f"#gpu{i}-util", Gauge).show(
+            self._gpu_gauges[f"gpu{i}-util"].show(
                 util, "not reported" if util is None else f"{util:.0f}%", [p.get("util_percent") or 0.0 for p in past]
             )
             temp = g["temp_c"]
-            self.query_one(f"#gpu{i}-temp", Gauge).show(
+            self._gpu_gauges[f"gpu{i}-temp"].show(
                 temp, "not reported" if temp is None else f"{temp:.0f} °C", [p.get("temp_c") or 0.0 for p in past]
             )
             power = g["power_w"]
-            self.query_one(f"#gpu{i}-power", Gauge).show(
+            self._gpu_gauges[f"gpu{i}-power"].show(
                 None if power is None else min(100.0, power / 7.0),
                 "not reported" if power is None else f"{power:.0f} W",
                 [p.get("power_w") or 0.0 for p in past],

@@ -10,6 +10,7 @@ from textual.message import Message
 from textual.widgets import Label, ListItem, ListView, ProgressBar, Static
 
 from rbee_tui.ui.format import gib, level
+from rbee_tui.ui.widgets.line import Line
 
 STATE_MARK = {"connected": "●", "connecting": "◌", "reconnecting": "◌", "lost": "✖"}
 
@@ -33,14 +34,14 @@ class PoolItem(ListItem):
         self.pool = name
 
     def compose(self) -> ComposeResult:
-        yield Label(f"◌ {self.pool}", classes="pool-name")
-        yield Label("connecting", classes="pool-line")
+        yield Line(f"◌ {self.pool}", classes="pool-name")
+        yield Line("connecting", classes="pool-line")
 
     def show(self, state: str, reason: str, sample: dict[str, Any] | None) -> None:
         """Render state and load."""
-        self.query_one(".pool-name", Label).update(f"{STATE_MARK.get(state, '?')} {self.pool}")
+        self.query_one(".pool-name", Line).update(f"{STATE_MARK.get(state, '?')} {self.pool}")
         line = one_line(sample) if state == "connected" else f"{state}: {reason}" if reason else state
-        self.query_one(".pool-line", Label).update(line)
+        self.query_one(".pool-line", Line).update(line)
         self.set_class(state == "lost", "-lost")
         self.set_class(state in ("connecting", "reconnecting"), "-pending")
 
@@ -56,7 +57,8 @@ class PoolList(ListView):
             self.pool = pool
 
     def __init__(self, pools: list[str]) -> None:
-        super().__init__(*[PoolItem(p) for p in pools], id="pools")
+        self._items = {p: PoolItem(p) for p in pools}  # looked up on every sample: a query each time was costly
+        super().__init__(*self._items.values(), id="pools")
 
     def on_list_view_highlighted(self, event: ListView.Highlighted) -> None:
         if isinstance(event.item, PoolItem):
@@ -64,10 +66,12 @@ class PoolList(ListView):
 
     def item(self, pool: str) -> PoolItem | None:
         """The row of `pool`."""
-        for child in self.query(PoolItem):
-            if child.pool == pool:
-                return child
-        return None
+        return self._items.get(pool)
+
+    def add(self, pool: str) -> None:
+        """Add a row for a new pool."""
+        self._items[pool] = PoolItem(pool)
+        self.append(self._items[pool])
 
 
 class PoolCard(Vertical):

@@ -1,0 +1,150 @@
+"""The dashboard under load: `python -m bench.dashboard --pools 32 --workers 8` runs the real app on this terminal,
+fed through the pool clients' own event path by synthetic pools that each send a metrics sample a second
+(with GPUs and workers) instead of reaching a machine. The benchmark drives it from a pseudo-terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from rbee_tui.app import RbeeApp  # noqa: E402
+from rbee_tui.config import Config, PoolConfig  # noqa: E402
+from rbee_tui.pools.client import CONNECTED, PoolClient  # noqa: E402
+
+GIB = 1 << 30
+
+
+def template(workers: int) -> dict[str, Any]:
+    """One real sample of this machine, with two GPUs and `workers` workers added: what a busy node sends."""
+    from rbee_tui.hive.metrics import Sampler
+
+    sample = Sampler("bench").sample()
+    sample["gpus"] = [
+        {
+            "index": i,
+            "name": "NVIDIA RTX 4090",
+            "memory_total": 24 * GIB,
+            "memory_used": 10 * GIB,
+            "util_percent": 50.0,
+            "temp_c": 60.0,
+            "power_w": 250.0,
+        }
+        for i in range(2)
+    ]
+    sample["workers"] = [
+        {
+            "id": f"worker-cuda-{i}",
+            "model": f"model-{i}",
+            "backend": "cuda",
+            "gpu": i % 2,
+            "port": 9000 + i,
+            "pid": 1000 + i,
+            "alive": True,
+            "rss_bytes": 2 * GIB,
+            "vram_bytes": 3 * GIB,
+        }
+        for i in range(workers)
+    ]
+    return sample
+
+
+def worker_list(workers: int) -> list[dict[str, Any]]:
+    now = time.time()
+    return [
+        {
+            "id": f"worker-cuda-{i}",
+            "model": f"model-{i}",
+            "backend": "cuda",
+            "gpu": i % 2,
+            "port": 9000 + i,
+            "state": "ready",
+            "started_at": now - 3600,
+            "rss_bytes": 2 * GIB,
+        }
+        for i in range(workers)
+    ]
+
+
+async def feed(client: PoolClient, base: dict[str, Any], workers: int, phase: float) -> None:
+    """Be a connected pool: status and workers once, then a changing sample every second."""
+    rng = random.Random(client.pool.name)
+    client.view.status = {"hostname": client.pool.name, "os": "Linux", "cpu_count": len(base["cpu"]["per_core"])}
+    client.view.state = CONNECTED  # set, not announced: announcing would make the fleet fetch a catalog
+    client.view.workers = worker_list(workers)
+    client._emit("workers", client.view.workers)
+    await asyncio.sleep(phase)  # pools do not all tick at the same instant
+    while True:
+        sample = copy.deepcopy(base)
+        sample["ts"] = time.time()
+        sample["cpu"]["percent"] = rng.uniform(5, 95)
+        sample["cpu"]["per_core"] = [rng.uniform(0, 100) for _ in sample["cpu"]["per_core"]]
+        sample["ram"]["percent"] = rng.uniform(20, 80)
+        for gpu in sample["gpus"]:
+            gpu["util_percent"] = rng.uniform(0, 100)
+            gpu["memory_used"] = int(rng.uniform(2, 22) * GIB)
+        for w in sample["workers"]:
+            w["rss_bytes"] = int(rng.uniform(1, 3) * GIB)
+        client.view.last_sample = sample
+        client.view.history.append(sample)
+        client._emit("sample", sample)
+        await asyncio.sleep(1.0)
+
+
+class LoadedApp(RbeeApp):
+    """The real app; its pools are synthetic instead of connected."""
+
+    def __init__(self, config: Config, workers: int) -> None:
+        super().__init__(config, autostart=False)
+        self.n_workers = workers
+        self._feeders: list[asyncio.Task[None]] = []
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        base = template(self.n_workers)
+        clients = list(self.fleet.clients.values())
+        models = [
+            {
+                "id": f"model-{i}",
+                "name": f"Model {i}",
+                "architecture": "llama",
+                "size_bytes": 4 * GIB,
+                "downloaded": True,
+                "backends": ["cpu", "cuda"],
+            }
+            for i in range(self.n_workers)
+        ]
+        for client in clients:
+            self.fleet.catalogs[client.pool.name] = {"models": models}
+        for i, client in enumerate(clients):
+            task = asyncio.create_task(feed(client, base, self.n_workers, i / len(clients)))
+            self._feeders.append(task)
+
+    async def on_unmount(self) -> None:
+        for task in self._feeders:
+            task.cancel()
+        await super().on_unmount()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.dashboard", description=__doc__)
+    ap.add_argument("--pools", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=8)
+    args = ap.parse_args()
+    pools = tuple(PoolConfig(name=f"pool-{i:02d}", models_dir=f"/nonexistent/{i}") for i in range(args.pools))
+    LoadedApp(Config(pools=pools), args.workers).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
