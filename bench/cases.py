@@ -22,6 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+SETTLE_S = 0.3  # pause between two measured sides (see worker_overhead)
 CACHE = Path(os.environ.get("RBEE_BENCH_CACHE", Path.home() / ".cache" / "rbee" / "bench"))
 
 
@@ -76,42 +77,51 @@ def model(spec_name: str, smoke: bool) -> Path:
 # -- 1. worker overhead -------------------------------------------------------------------------------------
 
 
-def _in_process(path: Path, n: int) -> tuple[float, float]:
-    import llama_cpp
-
-    from rbee_tui.worker.engines import LlamaCppEngine, Request
-
-    engine = LlamaCppEngine(str(path), "cpu", 0, n_ctx=512)
-    engine.load()
+def _in_process(llm: Any, n: int) -> tuple[float, float]:
+    """The same greedy generation with plain `llama_cpp.Llama`: decode t/s and time to first token (ms)."""
     times: list[float] = []
     t0 = time.perf_counter()
-    summary = engine.generate(
-        Request("Hello, how are you?", n, 0.0, 42),
-        lambda t, i: times.append(time.perf_counter()),
-        __import__("threading").Event(),
-    )
-    engine.close()
-    del llama_cpp
-    decode = (len(times) - 1) / (times[-1] - times[0])
-    return decode, (times[0] - t0) * 1000.0 if summary else 0.0
+    tokens = llm.tokenize(b"Hello, how are you?", add_bos=True, special=True)
+    llm.reset()
+    for tok in llm.generate(tokens, temp=0.0, top_k=40, top_p=0.95, repeat_penalty=1.0, reset=False):
+        llm.detokenize([tok])
+        times.append(time.perf_counter())
+        if len(times) >= n:
+            break
+    return (len(times) - 1) / (times[-1] - times[0]), (times[0] - t0) * 1000.0
 
 
-async def _through_worker(url: str, n: int) -> tuple[float, float]:
-    import aiohttp
+def _llama_bench(path: Path, n: int) -> float | None:
+    """llama.cpp's own `tg` figure (one repetition), when `scripts/build-llama-cpp.sh` has built llama-bench."""
+    found = sorted(glob.glob(str(Path.home() / ".cache/rbee/llama.cpp/*/bin/llama-bench")))
+    if not found:
+        return None
+    threads = len(os.sched_getaffinity(0))
+    argv = [found[-1], "-m", str(path), "-p", "0", "-n", str(n), "-r", "1", "-t", str(threads), "-o", "json"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    return float(json.loads(out.stdout)[0]["avg_ts"])
 
-    from rbee_tui.worker.client import execute
 
+def _through_worker(port: int, n: int) -> tuple[float, float]:
+    """The same generation streamed from `/execute` over HTTP: decode t/s and time to first token (ms), as seen
+    by a client. The client is a bare socket reader: on 2 cores a Python SSE parser would take its CPU from the
+    worker's decode threads and be counted as the worker's overhead."""
+    import socket
+
+    body = json.dumps({"prompt": "Hello, how are you?", "max_tokens": n, "temperature": 0.0, "seed": 42}).encode()
+    head = (
+        "POST /execute HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
     times: list[float] = []
-    async with aiohttp.ClientSession() as session:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
         t0 = time.perf_counter()
-        async for ev in execute(
-            session,
-            url,
-            "llama-cpp-python",
-            {"prompt": "Hello, how are you?", "max_tokens": n, "temperature": 0.0, "seed": 42},
-        ):
-            if ev["event"] == "token":
-                times.append(time.perf_counter())
+        sock.sendall(head + body)
+        while data := sock.recv(1 << 16):
+            now = time.perf_counter()
+            times += [now] * data.count(b"event: token\n")
+    if len(times) < 2:
+        raise RuntimeError(f"the worker streamed {len(times)} token(s)")
     return (len(times) - 1) / (times[-1] - times[0]), (times[0] - t0) * 1000.0
 
 
@@ -119,7 +129,7 @@ def worker_overhead(smoke: bool) -> Iterator[dict[str, Any]]:
     from tests.e2e.test_worker_api import free_port, http
 
     path = model("bench-85m", smoke)
-    n, reps = (16, 1) if smoke else (64, 5)
+    n, reps = (16, 1) if smoke else (64, 7)
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rbee_tui.worker.launch", "--model", str(path), "--port", str(port), "--n-ctx", "512"],
@@ -127,14 +137,28 @@ def worker_overhead(smoke: bool) -> Iterator[dict[str, Any]]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
+    import llama_cpp
+
+    threads = len(os.sched_getaffinity(0))  # what the worker uses
+    llm = llama_cpp.Llama(  # the worker's settings: every CPU, flash attention (see LlamaCppEngine.load)
+        str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False
+    )
     try:
         while http("GET", f"{url}/health")[0] != 200:
             time.sleep(0.05)
-        local, remote = [], []
-        for _ in range(reps):  # interleaved, so both sides see the same machine
-            local.append(_in_process(path, n))
-            remote.append(asyncio.run(_through_worker(url, n)))
+        local, remote, bench = [], [], []
+        for _ in range(reps):  # interleaved, so all three see the same machine
+            # Each side starts on quiet cores: llama.cpp's OpenMP threads spin for some milliseconds after a
+            # generation, and back to back that spin would be charged to whichever side runs next.
+            time.sleep(SETTLE_S)
+            local.append(_in_process(llm, n))
+            time.sleep(SETTLE_S)
+            remote.append(_through_worker(port, n))
+            if not smoke:
+                time.sleep(SETTLE_S)
+                bench.append(_llama_bench(path, n))
     finally:
+        llm.close()
         proc.terminate()
         proc.wait(30)
     tps_local = statistics.median(x[0] for x in local)
@@ -160,15 +184,8 @@ def worker_overhead(smoke: bool) -> Iterator[dict[str, Any]]:
         None,
         ttft_worker - ttft_local <= 5.0,
     )
-    bench_bin = sorted(glob.glob(str(Path.home() / ".cache/rbee/llama.cpp/*/bin/llama-bench")))
-    if bench_bin and not smoke:
-        out = subprocess.run(
-            [bench_bin[-1], "-m", str(path), "-p", "0", "-n", str(n), "-r", "3", "-t", "2", "-o", "json"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        tg = json.loads(out.stdout)[0]["avg_ts"]
+    if bench and None not in bench:
+        tg = statistics.median(bench)
         yield row(
             "worker decode tok/s vs llama-bench tg",
             tps_worker,

@@ -141,11 +141,7 @@ class MatrixRunner:
             measured["download_s"] = round(time.monotonic() - t0, 3)
             self._update(run_id, job_id, "spawning", **measured)
             t1 = time.monotonic()
-            w = await self._checked(
-                client,
-                client.hive("worker", "spawn", cell.backend, "--model", cell.model, "--gpu", str(cell.gpu), "--json"),
-            )
-            worker_id.append(w["id"])
+            w = await self._checked(client, self._spawn(client, cell, worker_id))
             self._update(run_id, job_id, "loading", **measured)
             w = await self._checked(client, client.wait_worker_ready(w["id"], timeout=600))
             measured["load_s"] = round(time.monotonic() - t1, 3)
@@ -186,6 +182,21 @@ class MatrixRunner:
             if worker_id:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(client.stop_worker(worker_id[0]))
+
+    async def _spawn(self, client: PoolClient, cell: Cell, worker_id: list[str]) -> dict[str, Any]:
+        """Spawn the cell's worker and note its id, even when the run is cancelled meanwhile: a spawn cut short
+        could leave a worker that nobody knows to stop, so a cancellation waits for the spawn's answer."""
+        spawn = asyncio.ensure_future(
+            client.hive("worker", "spawn", cell.backend, "--model", cell.model, "--gpu", str(cell.gpu), "--json")
+        )
+        try:
+            w = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                worker_id.append((await spawn)["id"])  # the caller's clean-up stops it
+            raise
+        worker_id.append(w["id"])
+        return w
 
     async def _reachable(self, client: PoolClient) -> bool:
         """Ask the pool once more before blaming the model: a failure may be the link dying under the job."""

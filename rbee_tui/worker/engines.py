@@ -99,7 +99,10 @@ class LlamaCppEngine:
                 raise RbeeError(f"this llama-cpp-python was built without {self.backend} support")
             kwargs.update(n_gpu_layers=-1, main_gpu=self.gpu, split_mode=llama_cpp.LLAMA_SPLIT_MODE_NONE)
         else:
-            kwargs["n_gpu_layers"] = 0
+            # llama.cpp itself (llama-server, llama-bench) turns flash attention on where the backend has it, and
+            # the CPU backend always does; the binding defaults to off, which costs ~20% of decode on CPU. GPU
+            # backends keep the binding's default: it cannot ask for llama.cpp's per-device "auto".
+            kwargs.update(n_gpu_layers=0, flash_attn=True)
         if not self.verbose:
             _capture_llama_errors()
         _LLAMA_ERRORS.clear()
