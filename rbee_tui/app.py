@@ -207,7 +207,10 @@ class RbeeApp(App[None]):
     # -- rendering -----------------------------------------------------------------------------------------
 
     def render_pool_row(self, pool: str) -> None:
-        item = self.query_one(PoolList).item(pool)
+        lists = self.screen_stack[0].query(PoolList) if self.screen_stack else []
+        if not lists:
+            return  # the main screen is not composed yet, or already taken down: its next event draws it
+        item = lists.first().item(pool)
         if item is not None and item.is_mounted:  # a pool just added is drawn by its next event
             view = self.fleet.client(pool).view
             item.show(view.state, view.reason, view.last_sample)

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import errno
 import gc
+import itertools
 import json
 import os
 import selectors
@@ -67,6 +68,8 @@ def _child(argv: list[str], out_w: int, err_w: int, parser: argparse.ArgumentPar
         os.dup2(devnull, 0)  # the command must never read the agent's requests
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
+        for fd in {out_w, err_w} - {0, 1, 2}:  # only as stdout and stderr: a worker it starts must not hold them
+            os.close(fd)
         from rbee_tui.hive.cli import main
 
         try:
@@ -82,6 +85,10 @@ def _child(argv: list[str], out_w: int, err_w: int, parser: argparse.ArgumentPar
             with contextlib.suppress(BaseException):
                 stream.flush()
         os._exit(rc)
+
+
+def _is_spawn(argv: list[str]) -> bool:
+    return ("worker", "spawn") in itertools.pairwise(argv)
 
 
 def _problem(req: object) -> str:
@@ -114,6 +121,10 @@ class Server:
         _write_all(1, (json.dumps(obj, ensure_ascii=False) + "\n").encode())
 
     def start(self, request_id: object, argv: list[str]) -> None:
+        if _is_spawn(argv):
+            from rbee_tui.hive import warm
+
+            warm.preload()  # once: this and every later worker is forked warm (rbee_tui.hive.warm)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         pid = os.fork()

@@ -30,14 +30,22 @@ def main(argv: list[str]) -> int:
         _record(exit_file, 127, None)
         sys.stderr.write(f"rbee-hive: cannot start {command[0]}: {exc.strerror}\n")
         return 127
+    rc = watch(exit_file, child.pid)
+    child.returncode = rc  # reaped by watch()
+    return rc
+
+
+def watch(exit_file: str, pid: int) -> int:
+    """Forward SIGTERM/SIGINT/SIGHUP to child `pid`, wait for it, record how it ended; return a shell status."""
 
     def forward(signum: int, frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
+            os.kill(pid, signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    rc = child.wait()
+    _, status = os.waitpid(pid, 0)  # retried by Python when a forwarded signal interrupts it
+    rc = os.waitstatus_to_exitcode(status)
     _record(exit_file, rc if rc >= 0 else None, -rc if rc < 0 else None)
     return rc if rc >= 0 else 128 - rc
 

@@ -26,6 +26,7 @@ from rbee_tui import files
 from rbee_tui.catalog import CatalogStore, ModelEntry
 from rbee_tui.config import state_dir
 from rbee_tui.errors import RbeeError
+from rbee_tui.hive import warm
 from rbee_tui.names import BACKENDS, check_id
 from rbee_tui.worker.client import ENGINE_EMBEDDED, ENGINE_SERVER, ENGINES, probe_health
 
@@ -363,23 +364,29 @@ def spawn(
         env["PYTHONUNBUFFERED"] = "1"
         if backend == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not grab GPU memory
+        forked = backend == "cpu" and warm.can_fork(argv)
         with open(log_path, "ab") as log_fh:
-            log_fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} spawn: {' '.join(argv)}\n".encode())
+            how = "spawn (forked warm)" if forked else "spawn"
+            log_fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {how}: {' '.join(argv)}\n".encode())
             log_fh.flush()
-            proc = subprocess.Popen(
-                full,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                pass_fds=(sock.fileno(),) if engine == ENGINE_EMBEDDED else (),
-                env=env,
-            )
+            keep = sock.fileno() if engine == ENGINE_EMBEDDED else None
+            if forked:
+                pid = warm.fork_worker(argv, str(exit_file), log_fh.fileno(), env)
+            else:
+                pid = subprocess.Popen(
+                    full,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fh,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    pass_fds=(keep,) if keep is not None else (),
+                    env=env,
+                ).pid
         sock.close()  # the worker holds it now
         record = WorkerRecord(
             id=wid,
-            pid=proc.pid,
-            create_time=psutil.Process(proc.pid).create_time(),
+            pid=pid,
+            create_time=psutil.Process(pid).create_time(),
             port=chosen_port,
             host=host,
             model=entry.id,

@@ -448,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `rbee-worker`."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
+        force=True,  # a worker forked from rbee-hive serve inherits its logging set-up
         level=logging.INFO,
         stream=sys.stdout,
         format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s",

@@ -329,3 +329,23 @@ async def test_close_returns_while_samples_pour_in(site: Site) -> None:
         except TimeoutError:
             pytest.fail(f"close() did not return (try {attempt})")
         await until(lambda: not _agents("pool-a"), 10, "the node's agent to end")
+
+
+async def test_a_worker_spawned_through_the_agent_starts_warm_and_outlives_it(clients: dict[str, PoolClient]) -> None:
+    a = clients["pool-a"]
+    w = await a.spawn_worker("cpu", "tiny-test")
+    lines = (await a.hive("worker", "logs", w["id"], "--lines", "20"))["lines"]
+    assert any("spawn (forked warm)" in line for line in lines), lines  # no new interpreter was started
+    assert " ".join(psutil.Process(w["worker_pid"]).cmdline()).startswith("rbee-worker --model ")  # as ps shows it
+    async with aiohttp.ClientSession() as session:
+        url = await a.worker_url(w)
+        out = [ev async for ev in execute(session, url, "llama-cpp-python", {"prompt": "hi", "max_tokens": 4})]
+    assert out[-1]["tokens_generated"] == 4
+    (agent,) = _agents("pool-a")
+    agent.kill()  # the agent it was forked from dies: the worker lives on, in its own session
+    await until(lambda: a.agent is not None and not a.agent.alive, 10, "the client to see the agent gone")
+    (again,) = [x for x in await a.workers() if x["id"] == w["id"]]
+    assert again["state"] == "ready" and again["worker_pid"] == w["worker_pid"]
+    stopped = await a.stop_worker(w["id"])
+    assert stopped["exit_code"] == 0 and not stopped["forced"]  # it ended on SIGTERM and its end was recorded
+    assert not psutil.pid_exists(w["worker_pid"]) or psutil.Process(w["worker_pid"]).status() == "zombie"

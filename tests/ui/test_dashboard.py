@@ -98,7 +98,9 @@ async def test_download_spawn_prompt_stop(models_dir: Path, hub: HubServer, medi
             return bool(seen) and seen[0] == "ready"
 
         await until(pilot, ready, 60, "the worker to be ready")
-        assert states[0] in ("spawning", "starting", "loading") and states[-1] == "ready"
+        # A small model is ready within milliseconds: the row may show "ready" first; it never shows anything
+        # else than the way there.
+        assert set(states) <= {"spawning", "starting", "loading", "ready"} and states[-1] == "ready", states
         assert cells(app, "#workers", 1) == ["tiny-test"]
 
         # A quick prompt streams a reply.
