@@ -10,6 +10,7 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
@@ -207,11 +208,12 @@ class RbeeApp(App[None]):
     # -- rendering -----------------------------------------------------------------------------------------
 
     def render_pool_row(self, pool: str) -> None:
-        lists = self.screen_stack[0].query(PoolList) if self.screen_stack else []
-        if not lists:
+        try:
+            pools = self.screen_stack[0].query_one(PoolList)
+        except (IndexError, NoMatches):
             return  # the main screen is not composed yet, or already taken down: its next event draws it
-        item = lists.first().item(pool)
-        if item is not None and item.is_mounted:  # a pool just added is drawn by its next event
+        item = pools.item(pool)
+        if item is not None:  # drawn even before it is mounted: it keeps the text for its first paint
             view = self.fleet.client(pool).view
             item.show(view.state, view.reason, view.last_sample)
 

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -177,6 +178,57 @@ class _Partial:
                 p.unlink()
 
 
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
+class _Sink:
+    """Writes and hashes a download's bytes on a thread of its own, so the transfer never waits for the disk or
+    for sha256 (together ~1 s per 800 MB here, ~20% of a local transfer when done in line)."""
+
+    BLOCK = 1 << 20  # bytes handed over at a time
+    SYNC_EVERY = 64 << 20  # written back as it goes, so the final fsync has little left to do
+
+    def __init__(self, fh: Any, digest: Any) -> None:
+        self.fh = fh
+        self.digest = digest
+        self.error: OSError | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=32)
+        self._thread = threading.Thread(target=self._run, name="download-sink", daemon=True)
+        self._thread.start()
+
+    def put(self, block: bytes) -> None:
+        """Queue `block` to be written after the ones before it."""
+        if self.error is not None:
+            raise self.error
+        if block:
+            self._queue.put(block)
+
+    def _run(self) -> None:
+        unsynced = 0
+        while (block := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the writer stops at the first error, which close() raises
+            try:
+                self.fh.write(block)
+                self.digest.update(block)
+                unsynced += len(block)
+                if unsynced >= self.SYNC_EVERY:
+                    self.fh.flush()
+                    _datasync(self.fh.fileno())
+                    unsynced = 0
+            except OSError as exc:
+                self.error = exc
+
+    def close(self) -> None:
+        """Write what is queued, then make it durable; raise the first write error."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+
 def _fetch(partial: _Partial, meter: _Meter, cancel: threading.Event, hub: str, repo: str) -> str:
     """Bring `partial` to its full size, resuming with Range requests; return the sha256 of the whole file."""
     import httpx2
@@ -211,18 +263,25 @@ def _fetch(partial: _Partial, meter: _Meter, cancel: threading.Event, hub: str, 
                     meter.done -= have
                     have, digest = 0, hashlib.sha256()
                 with open(partial.path, "ab") as fh:
-                    for block in resp.iter_bytes():
-                        if cancel.is_set():
-                            fh.flush()
-                            os.fsync(fh.fileno())
-                            raise Cancelled(f"download of {meter.model} cancelled; {have} bytes kept for resume")
-                        fh.write(block)
-                        digest.update(block)
-                        have += len(block)
-                        attempt = 0
-                        meter.add(len(block), remote.name)
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                    sink = _Sink(fh, digest)
+                    pending = bytearray()
+                    try:
+                        for block in resp.iter_bytes():
+                            if cancel.is_set():
+                                raise Cancelled(f"download of {meter.model} cancelled; {have} bytes kept for resume")
+                            pending += block
+                            have += len(block)
+                            attempt = 0
+                            meter.add(len(block), remote.name)
+                            if len(pending) >= _Sink.BLOCK:
+                                sink.put(bytes(pending))
+                                pending.clear()
+                    finally:
+                        # What arrived is kept, however the transfer ended: a resume starts right after it.
+                        try:
+                            sink.put(bytes(pending))
+                        finally:
+                            sink.close()
                 if remote.size is None:
                     break
                 if have < remote.size:

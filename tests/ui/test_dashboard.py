@@ -108,7 +108,13 @@ async def test_download_spawn_prompt_stop(models_dir: Path, hub: HubServer, medi
         await pilot.press("p")
         assert app.query_one("#prompt", Input).has_focus
         await pilot.press(*"Hello bee", "enter")
-        await until(pilot, lambda: "tok/s" in str(app.query_one("#reply", Static).render()), 30, "a reply")
+        reply = app.query_one("#reply", Static)
+        try:
+            await until(pilot, lambda: "tok/s" in str(reply.render()), 30, "a reply")
+        except AssertionError:
+            worker = app.fleet.client("local").view.workers[0]
+            log = Path(worker["log"]).read_text()[-2000:]
+            raise AssertionError(f"no reply; shown: {reply.render()!s:.300}; worker {worker}; log: {log}") from None
         await until(pilot, lambda: cells(app, "#workers", 9)[0] != "-", 10, "last tokens/s in the table")
 
         # Its log follows.

@@ -26,8 +26,11 @@ class Line(Widget):
         self.set_reactive(Line.text, text)
 
     def update(self, text: str) -> None:
-        """Show `text`; repaints only if it changed."""
-        self.text = text
+        """Show `text`; repaints only if it changed. Before the line is mounted it is kept for the first paint."""
+        if self.is_mounted:
+            self.text = text
+        else:
+            self.set_reactive(Line.text, text)
 
     def render(self) -> Content:
         return Content(self.text)

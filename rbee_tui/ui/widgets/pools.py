@@ -32,16 +32,18 @@ class PoolItem(ListItem):
     def __init__(self, name: str) -> None:
         super().__init__(id=f"pool-{name}")
         self.pool = name
+        # Held, not queried: a sample may arrive between this row's mount and its children's.
+        self._name = Line(f"◌ {name}", classes="pool-name")
+        self._line = Line("connecting", classes="pool-line")
 
     def compose(self) -> ComposeResult:
-        yield Line(f"◌ {self.pool}", classes="pool-name")
-        yield Line("connecting", classes="pool-line")
+        yield self._name
+        yield self._line
 
     def show(self, state: str, reason: str, sample: dict[str, Any] | None) -> None:
         """Render state and load."""
-        self.query_one(".pool-name", Line).update(f"{STATE_MARK.get(state, '?')} {self.pool}")
-        line = one_line(sample) if state == "connected" else f"{state}: {reason}" if reason else state
-        self.query_one(".pool-line", Line).update(line)
+        self._name.update(f"{STATE_MARK.get(state, '?')} {self.pool}")
+        self._line.update(one_line(sample) if state == "connected" else f"{state}: {reason}" if reason else state)
         self.set_class(state == "lost", "-lost")
         self.set_class(state in ("connecting", "reconnecting"), "-pending")
 
