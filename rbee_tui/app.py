@@ -95,6 +95,7 @@ class RbeeApp(App[None]):
         self.errors: list[tuple[float, str]] = []
         self.asked_host_key: set[str] = set()
         self._samples_due: set[str] = set()
+        self._stale_panes: set[str] = set()  # panes changed while hidden: drawn when their tab is shown
 
     # -- composition --------------------------------------------------------------------------------------
 
@@ -230,7 +231,27 @@ class RbeeApp(App[None]):
         text = f"{self.selected}: {view.state}" + (f" - {view.reason}" if view.reason else "") + f"  {where}"
         self.query_one("#status-line", Line).update(text)
 
+    def _showing(self, pane: str) -> bool:
+        """Whether `pane` is on screen; if not, it is drawn when its tab is shown. Drawing a hidden widget makes
+        Textual lay out the whole screen again on the next frame, and a key pressed meanwhile waits for it."""
+        try:
+            shown = self.screen_stack[0].query_one(TabbedContent).active == f"tab-{pane}"
+        except (IndexError, NoMatches):
+            shown = False
+        if not shown:
+            self._stale_panes.add(pane)
+        return shown
+
+    @on(TabbedContent.TabActivated, "#panes")
+    def pane_shown(self, event: TabbedContent.TabActivated) -> None:
+        pane = (event.pane.id or "").removeprefix("tab-")
+        if pane in self._stale_panes:
+            self._stale_panes.discard(pane)
+            {"catalog": self.render_catalog, "workers": self.render_workers, "gauges": self.render_gauges}[pane]()
+
     def render_catalog(self) -> None:
+        if not self._showing("catalog"):
+            return
         doc = self.fleet.catalogs.get(self.selected, {"models": []})
         rows = [
             (
@@ -250,6 +271,8 @@ class RbeeApp(App[None]):
         sync_rows(self.query_one("#catalog", DataTable), rows)
 
     def render_workers(self) -> None:
+        if not self._showing("workers"):
+            return
         view = self.fleet.client(self.selected).view
         live_rows = {r["id"]: r for r in (view.last_sample or {}).get("workers", [])}
         rows = []
@@ -275,6 +298,8 @@ class RbeeApp(App[None]):
         sync_rows(self.query_one("#workers", DataTable), rows)
 
     def render_gauges(self) -> None:
+        if not self._showing("gauges"):
+            return
         view = self.fleet.client(self.selected).view
         cpus = int(view.status.get("cpu_count") or 1)
         self.query_one(GaugesPane).render_sample(view.last_sample, list(view.history), cpus)

@@ -77,6 +77,7 @@ async def test_download_spawn_prompt_stop(models_dir: Path, hub: HubServer, medi
         await until(pilot, done, 60, "the download to finish")
         assert any(0 < p < 1 for p in progress_seen), "the bar moved through the middle"
         assert pane.query_one(DownloadItem).query_one(ProgressBar).percentage == 1.0
+        await pilot.press("1")  # back to the catalog: hidden panes are drawn when shown
         await until(
             pilot,
             lambda: cells(app, "#catalog", 4)[cells(app, "#catalog", 0).index("medium")] == "✅",

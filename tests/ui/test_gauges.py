@@ -54,3 +54,25 @@ async def test_gpu_gauges_take_samples_that_come_before_they_are_mounted() -> No
         wanted = "12.0 GiB / 24.0 GiB"
         await waiting.until(lambda: vram_text().startswith(wanted), 10, "the GPU gauge's second reading", pilot.pause)
         assert len(app.query(Gauge)) == 7 + 8  # the node's seven, and four per GPU
+
+
+class OneGauge(App[None]):
+    def compose(self) -> ComposeResult:
+        yield Gauge("CPU", warn=80.0, crit=90.0, id="g")
+
+
+async def test_a_reading_at_a_threshold_does_not_flicker() -> None:
+    app = OneGauge()
+    async with app.run_test() as pilot:
+        g = app.query_one(Gauge)
+        g.show(81.0, "81%")  # a first reading past a threshold shows it at once
+        await pilot.pause()
+        assert g.has_class("-warn")
+        steps = [(50.0, ""), (80.5, ""), (79.0, ""), (82.5, "-warn"), (79.0, "-warn"), (77.5, ""), (95.0, "-crit")]
+        for percent, expected in steps:
+            g.show(percent, f"{percent}%")
+            await pilot.pause()
+            shown = next((c for c in ("-warn", "-crit") if g.has_class(c)), "")
+            assert shown == expected, (percent, shown)
+        g.show(None, "not reported")
+        assert g.has_class("-unknown") and not g.has_class("-crit")

@@ -15,6 +15,7 @@ from rbee_tui.ui.format import gib, level, rate
 from rbee_tui.ui.widgets.line import Line
 
 HISTORY_POINTS = 120  # the sparkline shows the last two minutes at 1 Hz
+LEVEL_MARGIN = 2.0  # percentage points past a threshold before a gauge changes colour back or forth
 
 
 class Gauge(Widget):
@@ -32,6 +33,7 @@ class Gauge(Widget):
     def __init__(self, name: str, warn: float = 80.0, crit: float = 90.0, id: str | None = None) -> None:
         super().__init__(id=id)
         self.label = name
+        self._level: str | None = None  # the level shown, once there is one
         self.warn, self.crit = warn, crit
         self._reading: tuple[float | None, str, list[float]] | None = None
 
@@ -62,6 +64,13 @@ class Gauge(Widget):
         self.query_one(".gauge-value", Line).update(text)
         # Classes only when the level changes: each change re-applies the stylesheet to the gauge and its children.
         cls = "-unknown" if percent is None else level(percent, self.warn, self.crit)
+        now = self._level
+        if percent is not None and now not in (None, "-unknown") and cls != now:
+            # A reading that hovers at a threshold keeps its colour until it is clearly past it: flipping every
+            # sample flickers, and costs a stylesheet pass each time.
+            near = {level(percent + d, self.warn, self.crit) for d in (-LEVEL_MARGIN, LEVEL_MARGIN)}
+            cls = now if now in near else cls
+        self._level = cls
         for name in ("-warn", "-crit", "-unknown"):
             if self.has_class(name) != (name == cls):
                 self.set_class(name == cls, name)
