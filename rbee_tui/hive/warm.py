@@ -39,9 +39,9 @@ def preload() -> bool:
     return _STATE["ready"]
 
 
-def can_fork(argv: list[str]) -> bool:
-    """Whether `argv` (a worker command line) can start warm in this process."""
-    return _STATE["ready"] and argv[1:3] == _LAUNCH_ARGV
+def can_fork(argv: list[str], backend: str) -> bool:
+    """Whether the worker of command line `argv` can start warm in this process: the embedded engine on CPU."""
+    return _STATE["ready"] and backend == "cpu" and argv[1:3] == _LAUNCH_ARGV
 
 
 def fork_worker(argv: list[str], exit_file: str, log_fd: int, env: dict[str, str]) -> int:

@@ -364,7 +364,7 @@ def spawn(
         env["PYTHONUNBUFFERED"] = "1"
         if backend == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not grab GPU memory
-        forked = backend == "cpu" and warm.can_fork(argv)
+        forked = warm.can_fork(argv, backend)
         with open(log_path, "ab") as log_fh:
             how = "spawn (forked warm)" if forked else "spawn"
             log_fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {how}: {' '.join(argv)}\n".encode())

@@ -84,7 +84,6 @@ class PoolClient:
         self._ssh = {"keepalive_interval": keepalive_interval, "keepalive_count_max": keepalive_count_max}
         self.transport: LocalTransport | SSHTransport | None = None
         self.agent: Agent | None = None  # `rbee-hive serve` on the node; None: one process per call
-        self.agent_note = ""
         self._agent_retry_at = 0.0
         self._agent_lock = asyncio.Lock()
         self.listeners: list[Callable[[PoolEvent], None]] = []
@@ -148,10 +147,8 @@ class PoolClient:
         try:
             channel = await self.transport.stream(hive_argv(self.pool, "serve", json_output=False), stdin=True)
             self.agent = await Agent.open(channel)
-            self.agent_note = ""
-        except Exception as exc:
+        except Exception:  # no agent: calls run one process each, as with an older rbee-hive
             self.agent = None
-            self.agent_note = str(exc) or type(exc).__name__
 
     async def _live_agent(self) -> Agent | None:
         if self.agent is not None and self.agent.alive:

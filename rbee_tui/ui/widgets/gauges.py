@@ -70,9 +70,9 @@ class Gauge(Widget):
             # sample flickers, and costs a stylesheet pass each time.
             near = {level(percent + d, self.warn, self.crit) for d in (-LEVEL_MARGIN, LEVEL_MARGIN)}
             cls = now if now in near else cls
-        self._level = cls
-        for name in ("-warn", "-crit", "-unknown"):
-            if self.has_class(name) != (name == cls):
+        if cls != now:
+            self._level = cls
+            for name in ("-warn", "-crit", "-unknown"):
                 self.set_class(name == cls, name)
         self.query_one(Sparkline).data = self._reading[2] or [0.0]
 
