@@ -703,6 +703,13 @@ def dashboard(smoke: bool) -> Iterator[dict[str, Any]]:
     )
 
 
+def cluster(smoke: bool) -> Iterator[dict[str, Any]]:
+    """One model over 1, 2 and 3 nodes, SSH relay vs direct, cold vs warm tensor cache (bench/cluster.py)."""
+    from bench.cluster import cluster as run
+
+    yield from run(smoke)
+
+
 ALL: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
     "worker": worker_overhead,
     "readiness": readiness,
@@ -711,4 +718,5 @@ ALL: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
     "metrics": metrics,
     "dashboard": dashboard,
     "downloads": downloads,
+    "cluster": cluster,
 }

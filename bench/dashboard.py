@@ -20,7 +20,8 @@ if str(ROOT) not in sys.path:
 
 from rbee_tui.app import RbeeApp  # noqa: E402
 from rbee_tui.config import Config, PoolConfig  # noqa: E402
-from rbee_tui.pools.client import CONNECTED, PoolClient  # noqa: E402
+from rbee_tui.pools.client import CONNECTED, PoolClient, SampleReceived, WorkersListed  # noqa: E402
+from rbee_tui.sample import Sample  # noqa: E402
 
 GIB = 1 << 30
 
@@ -82,7 +83,7 @@ async def feed(client: PoolClient, base: dict[str, Any], workers: int, phase: fl
     client.view.status = {"hostname": client.pool.name, "os": "Linux", "cpu_count": len(base["cpu"]["per_core"])}
     client.view.state = CONNECTED  # set, not announced: announcing would make the fleet fetch a catalog
     client.view.workers = worker_list(workers)
-    client._emit("workers", client.view.workers)
+    client._emit(WorkersListed(client.pool.name, tuple(client.view.workers)))
     await asyncio.sleep(phase)  # pools do not all tick at the same instant
     while True:
         sample = copy.deepcopy(base)
@@ -95,9 +96,10 @@ async def feed(client: PoolClient, base: dict[str, Any], workers: int, phase: fl
             gpu["memory_used"] = int(rng.uniform(2, 22) * GIB)
         for w in sample["workers"]:
             w["rss_bytes"] = int(rng.uniform(1, 3) * GIB)
-        client.view.last_sample = sample
-        client.view.history.append(sample)
-        client._emit("sample", sample)
+        parsed = Sample.parse(sample)  # as the pool client parses what a node sends
+        client.view.last_sample = parsed
+        client.view.history.append(parsed)
+        client._emit(SampleReceived(client.pool.name, parsed))
         await asyncio.sleep(1.0)
 
 

@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rbee_tui import files
+from rbee_tui import files, gguf_file
 from rbee_tui.errors import CorruptFileError, RbeeError
+from rbee_tui.hive.hashing import sha256_file
 from rbee_tui.names import check_backends, check_id, check_repo, check_repo_file
 from rbee_tui.registry import DEFAULT_MODELS, TINY_TEST_MODEL
 from rbee_tui.tinymodel import TINY_TEST_ID, write_model
@@ -223,11 +224,10 @@ class CatalogStore:
 
     def materialize_tiny_test(self) -> ModelEntry:
         """Generate the bundled tiny model into the models dir and return its downloaded entry."""
-        from rbee_tui.hive.verify import gguf_facts, sha256_file
-
         entry = _from_registry(self.models_dir, TINY_TEST_MODEL)
         path = write_model(Path(entry.path))
-        meta = dict(entry.metadata, sha256=sha256_file(path), vocab_size=gguf_facts(path).get("vocab_size"))
+        vocab_size = gguf_file.read(path).facts().get("vocab_size")
+        meta = dict(entry.metadata, sha256=sha256_file(path), vocab_size=vocab_size)
         return replace(entry, downloaded=True, size_bytes=path.stat().st_size, metadata=meta)
 
     def load(self) -> Catalog:

@@ -34,12 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     mrun.add_argument("--export", default="md", help="formats to write: md,csv,json,html (default md)")
     mrun.add_argument("--out", default=".", help="directory for the exports (default: here)")
     mrun.add_argument("--db", help="results database (default: $XDG_DATA_HOME/rbee/results.db)")
-    mrun.add_argument("--max-tokens", type=int, default=16)
+    mrun.add_argument("--max-tokens", type=int, help="tokens per test prompt (default: [matrix] max_tokens, or 16)")
+    mrun.add_argument("--clusters", help="cluster columns: pools joined by '+', comma-separated (a+b+c,a+b)")
+    mrun.add_argument("--cluster-ctx", type=int, help="context of the cluster columns (default: [matrix], or 2048)")
     mexp = msub.add_parser("export", help="write the tables of a stored run")
     mexp.add_argument("--run", type=int, help="run id (default: the latest)")
     mexp.add_argument("--export", default="md,csv,json,html")
     mexp.add_argument("--out", default=".")
     mexp.add_argument("--db")
+    mruns = msub.add_parser("runs", help="list the stored runs")
+    mruns.add_argument("--db", help="results database (default: $XDG_DATA_HOME/rbee/results.db)")
+    mruns.add_argument("--json", action="store_true")
+    from rbee_tui.cluster.headless import add_parser as add_cluster
+
+    add_cluster(sub)
     trust = sub.add_parser("trust", help="accept a pool's SSH host key after checking its fingerprint")
     trust.add_argument("name")
     trust.add_argument("--yes", action="store_true", help="do not ask")
@@ -93,19 +101,35 @@ def _pool_passthrough(cfg: cfgmod.Config, name: str, args: list[str]) -> int:
 def _trust(cfg: cfgmod.Config, name: str, yes: bool) -> int:
     import asyncio
 
-    from rbee_tui.pools.hostkeys import known_hosts_path, server_key, trust
+    from rbee_tui.pools.hostkeys import fingerprint, known_hosts_path, server_key, write_key
 
     pool = cfg.pool(name)
     if pool.transport != "ssh":
         raise RbeeError(f"pool {name} is local: it has no host key")
+    # One connection: the key written is the very key shown, so nothing can slip in between.
     key = asyncio.run(server_key(pool))
-    print(f"{pool.host}:{pool.port} presents {key.get_algorithm()} key {key.get_fingerprint('sha256')}")
-    if not yes and input("Trust it? [y/N] ").strip().lower() not in ("y", "yes"):
-        print("not trusted")
-        return 1
-    asyncio.run(trust(pool))
+    print(f"{pool.host}:{pool.port} presents {key.get_algorithm()} key {fingerprint(key)}", flush=True)
+    if not yes:
+        try:
+            answer = input("Trust it? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not trusted")
+            return 1
+    write_key(pool, key)
     print(f"added to {known_hosts_path(pool)}")
     return 0
+
+
+def _config_show(cfg: cfgmod.Config) -> None:
+    import tomli_w
+
+    if cfg.path and cfg.path.exists():
+        print(f"# read from {cfg.path}")
+    else:
+        print(f"# no config file at {cfg.path}: these are the defaults")
+    print(tomli_w.dumps(cfg.to_toml()), end="")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = cfgmod.load(args.config)
+        for warning in cfg.warnings:
+            sys.stderr.write(f"{PROG}: warning: {warning}\n")
         if args.cmd == "config":
             if args.action == "path":
                 print(cfg.path)
             elif args.action == "show":
-                import tomli_w
-
-                print(tomli_w.dumps(cfg.to_toml()), end="")
+                _config_show(cfg)
             else:
                 if cfg.path and cfg.path.exists():
                     raise RbeeError(f"{cfg.path} already exists", "edit it, or remove it first")
@@ -129,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             return _pools_status(cfg, args.json)
         if args.cmd == "pool":
             return _pool_passthrough(cfg, args.name, args.hive_args)
+        if args.cmd == "cluster":
+            from rbee_tui.cluster import headless as cluster
+
+            return cluster.main(cfg, args)
         if args.cmd == "trust":
             return _trust(cfg, args.name, args.yes)
         if args.cmd == "matrix":
@@ -136,15 +164,18 @@ def main(argv: list[str] | None = None) -> int:
 
             from rbee_tui.matrix import headless
 
+            db = Path(args.db) if args.db else None
             if args.matrix_cmd == "run":
                 return headless.main_run(cfg, args)
-            return headless.export_run(
-                Path(args.db) if args.db else None, args.run, headless.parse_formats(args.export), Path(args.out)
-            )
+            if args.matrix_cmd == "runs":
+                return headless.list_runs(db, args.json)
+            return headless.export_run(db, args.run, headless.parse_formats(args.export), Path(args.out))
         from rbee_tui.app import RbeeApp
 
-        RbeeApp(cfg).run()
-        return 0
+        app = RbeeApp(cfg)
+        app.run()
+        # A crash inside the app ends it with its traceback on stderr and return code 1: say so to the shell.
+        return app.return_code or 0
     except RbeeError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return exc.exit_code

@@ -1,14 +1,23 @@
-"""The TOML config and the XDG paths: one search seam, with RBEE_CONFIG / --config as the override."""
+"""The TOML config and the XDG paths: one search seam, with RBEE_CONFIG / --config as the override.
+
+Saves edit the user's own file in place (comments, layout and keys this tool does not know all survive): each
+save re-reads the file under its lock, changes only the keys it owns, checks that the result still loads, and
+writes it atomically.
+"""
 
 from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
+from tomlkit.items import AoT, Array, Table
 
 from rbee_tui import files
 from rbee_tui.errors import CorruptFileError, RbeeError
@@ -16,7 +25,16 @@ from rbee_tui.names import BACKENDS, check_backends, check_host, check_id, check
 
 DEFAULT_MODELS_DIR = "~/.local/share/rbee/models"
 DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_MAX_TOKENS = 16
 TRANSPORTS = ("local", "ssh")
+HEADER = "# rbee-tui config: see README.md, section Configuration\n"
+TOP_KEYS = ("theme", "registry", "pools", "matrix")
+REGISTRY_KEYS = ("endpoint", "models")
+MATRIX_KEYS = ("models", "pools", "max_tokens", "clusters", "cluster_ctx")
+DEFAULT_CLUSTER_CTX = 2048
+# Pool keys the dashboard's pool form does not show: an edit from the form never removes them.
+RPC_KEYS = ("rpc_server", "rpc_host")  # a cluster's ggml-rpc-server on the node (docs/cluster.md)
+KEPT_POOL_KEYS = ("hive_command", "known_hosts", "llama_server", *RPC_KEYS)
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -44,7 +62,7 @@ def state_dir() -> Path:
 
 
 def default_models_dir() -> str:
-    """The models dir a pool gets when its entry names none (follows $XDG_DATA_HOME)."""
+    """The models dir of this machine when nothing names one (follows $XDG_DATA_HOME)."""
     if os.environ.get("XDG_DATA_HOME"):
         return str(data_dir() / "models")
     return DEFAULT_MODELS_DIR
@@ -61,15 +79,15 @@ class PoolConfig:
     user: str | None = None
     identity_file: str | None = None
     backends: tuple[str, ...] = ("cpu",)
-    gpus: int = 0
-    models_dir: str = DEFAULT_MODELS_DIR
+    models_dir: str | None = None  # None: the node's own default, as rbee-hive there picks it
     hive_command: str = "rbee-hive"
     llama_server: str | None = None
     known_hosts: str | None = None
-
-    def models_path(self) -> Path:
-        """The models dir with `~` expanded (meaningful on the pool's own machine)."""
-        return Path(self.models_dir).expanduser()
+    rpc_server: str | None = None  # ggml-rpc-server on the node (default: beside llama-server, the build cache)
+    # The address the node's ggml-rpc-server listens on for a cluster (docs/cluster.md). Unset: loopback, reached
+    # through the dashboard's SSH connections. Set (a LAN address): coordinators dial it directly, which is
+    # faster, but llama.cpp RPC has no authentication and no encryption: anyone who reaches it can use the node.
+    rpc_host: str | None = None
 
     def to_toml(self) -> dict[str, Any]:
         """The entry as written to the config file, leaving out unset optional keys."""
@@ -97,18 +115,43 @@ class MatrixConfig:
 
     models: tuple[str, ...] = ()
     pools: tuple[str, ...] = ()
-    max_tokens: int = 16
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    clusters: tuple[tuple[str, ...], ...] = ()  # cluster columns: pools a model is split over, the head first
+    cluster_ctx: int = DEFAULT_CLUSTER_CTX  # the context the cluster columns plan and run with
+
+
+def cluster_spec(value: Any, known: list[str] | None = None) -> tuple[str, ...]:
+    """`head+node+node` -> its pool names, refusing a malformed one, a pool named twice or (given `known`) an
+    unknown pool."""
+    if not isinstance(value, str) or not value.strip():
+        raise RbeeError(f"a cluster is pool names joined by '+', e.g. \"local+node2\", not {value!r}")
+    names = tuple(n.strip() for n in value.split("+"))
+    for name in names:
+        try:
+            check_id(name, "pool name")
+        except RbeeError as exc:
+            raise RbeeError(f"cluster {value!r}: {exc.message}", exc.hint) from None
+    if len(names) < 2:
+        raise RbeeError(f'cluster {value!r} names one pool: a cluster spans two or more, e.g. "{value}+node2"')
+    if len(set(names)) != len(names):
+        raise RbeeError(f"cluster {value!r} names a pool twice")
+    if known is not None:
+        for name in names:
+            if name not in known:
+                raise RbeeError(f"cluster {value!r} names no pool {name!r}", f"known pools: {', '.join(known)}")
+    return names
 
 
 @dataclass(frozen=True)
 class Config:
-    """The whole config file."""
+    """The whole config file, and the warnings about keys in it that nothing reads."""
 
     pools: tuple[PoolConfig, ...] = field(default_factory=lambda: (local_pool(),))
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     theme: str = "rbee-dark"
     path: Path | None = None
     matrix: MatrixConfig = field(default_factory=MatrixConfig)
+    warnings: tuple[str, ...] = ()
 
     def pool(self, name: str) -> PoolConfig:
         """The pool called `name`, or a clear error listing the known ones."""
@@ -119,7 +162,7 @@ class Config:
         raise RbeeError(f"no pool named {name!r}", f"known pools: {known}")
 
     def with_pool(self, pool: PoolConfig) -> Config:
-        """A copy with `pool` added, or replacing the pool of the same name."""
+        """A copy with `pool` added, or replacing the pool of the same name (in memory; see add_pool to save)."""
         pools = [p for p in self.pools if p.name != pool.name]
         index = next((i for i, p in enumerate(self.pools) if p.name == pool.name), len(pools))
         pools.insert(index, pool)
@@ -133,28 +176,45 @@ class Config:
             registry["models"] = [dict(m) for m in self.registry.models]
         doc["registry"] = registry
         doc["pools"] = [p.to_toml() for p in self.pools]
-        if self.matrix != MatrixConfig():
-            doc["matrix"] = {
-                "models": list(self.matrix.models),
-                "pools": list(self.matrix.pools),
-                "max_tokens": self.matrix.max_tokens,
-            }
+        doc["matrix"] = {
+            "models": list(self.matrix.models),
+            "pools": list(self.matrix.pools),
+            "max_tokens": self.matrix.max_tokens,
+        }
+        if self.matrix.clusters:
+            doc["matrix"]["clusters"] = ["+".join(c) for c in self.matrix.clusters]
+        if self.matrix.cluster_ctx != DEFAULT_CLUSTER_CTX:
+            doc["matrix"]["cluster_ctx"] = self.matrix.cluster_ctx
         return doc
 
 
 def local_pool() -> PoolConfig:
-    """The pool a config-less start gets: this machine, CPU, models in the XDG data dir."""
-    return PoolConfig(name="local", transport="local", models_dir=default_models_dir())
+    """The pool a config-less start gets: this machine, CPU, models in its default dir."""
+    return PoolConfig(name="local", transport="local")
 
 
-def _pool_from(raw: Any, index: int, where: str) -> PoolConfig:
+def _unknown_keys(table: dict[str, Any], known: tuple[str, ...], at: str) -> list[str]:
+    """A warning naming the keys of `table` that nothing reads (they are kept in the file, not used)."""
+    extra = sorted(set(table) - set(known))
+    if not extra:
+        return []
+    return [f"{at}: unknown key(s) {', '.join(extra)} ignored (known: {', '.join(known)})"]
+
+
+def _int(value: Any, what: str, low: int, high: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        span = f"{low}-{high}" if high is not None else f"{low} or more"
+        raise RbeeError(f"{what} must be an integer {span}, got {value!r}")
+    return value
+
+
+def _pool_from(raw: Any, index: int, where: str, warnings: list[str]) -> PoolConfig:
     at = f"{where}: pools[{index}]"
     if not isinstance(raw, dict):
         raise RbeeError(f"{at} must be a table")
-    known = set(PoolConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise RbeeError(f"{at} has unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(sorted(known))}")
+    known = tuple(PoolConfig.__dataclass_fields__)
+    label = f"{at} ({raw['name']})" if isinstance(raw.get("name"), str) else at
+    warnings.extend(_unknown_keys(raw, known, label))
     try:
         name = check_id(raw.get("name", ""), "pool name")
         transport = raw.get("transport", "local")
@@ -168,19 +228,16 @@ def _pool_from(raw: Any, index: int, where: str) -> PoolConfig:
         user = raw.get("user")
         if user is not None:
             check_user(user)
-        port = raw.get("port", 22)
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-            raise RbeeError(f"port must be an integer 1-65535, got {port!r}")
-        gpus = raw.get("gpus", 0)
-        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
-            raise RbeeError(f"gpus must be a non-negative integer, got {gpus!r}")
+        if raw.get("rpc_host") is not None:
+            check_host(raw["rpc_host"])
+        port = _int(raw.get("port", 22), "port", 1, 65535)
         backends = raw.get("backends", ["cpu"])
         if not isinstance(backends, list) or not all(isinstance(b, str) for b in backends):
             raise RbeeError(f"backends must be a list of names from {', '.join(BACKENDS)}")
         check_backends(backends)
-        for key in ("identity_file", "models_dir", "hive_command", "llama_server", "known_hosts"):
-            if key in raw and not isinstance(raw[key], str):
-                raise RbeeError(f"{key} must be a string")
+        for key in (*("identity_file", "models_dir", "hive_command", "llama_server", "known_hosts"), *RPC_KEYS):
+            if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
+                raise RbeeError(f"{key} must be a non-empty string")
     except RbeeError as exc:
         raise RbeeError(f"{at}: {exc.message}", exc.hint) from None
     return PoolConfig(
@@ -191,26 +248,62 @@ def _pool_from(raw: Any, index: int, where: str) -> PoolConfig:
         user=user,
         identity_file=raw.get("identity_file"),
         backends=tuple(backends),
-        gpus=gpus,
-        models_dir=raw.get("models_dir", default_models_dir()),
+        models_dir=raw.get("models_dir"),
         hive_command=raw.get("hive_command", "rbee-hive"),
         llama_server=raw.get("llama_server"),
         known_hosts=raw.get("known_hosts"),
+        rpc_server=raw.get("rpc_server"),
+        rpc_host=raw.get("rpc_host"),
     )
 
 
+def _names(value: Any, what: str, check: Callable[[str, str], str], label: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RbeeError(f'{what} must be a list of {label}s, e.g. ["a", "b"]')
+    try:
+        return tuple(check(v, label) for v in value)
+    except RbeeError as exc:
+        raise RbeeError(f"{what}: {exc.message}", exc.hint) from None
+
+
+def _matrix_from(raw: Any, where: str, pools: tuple[PoolConfig, ...], warnings: list[str]) -> MatrixConfig:
+    if not isinstance(raw, dict):
+        raise RbeeError(f"{where}: matrix must be a table ([matrix])")
+    warnings.extend(_unknown_keys(raw, MATRIX_KEYS, f"{where}: [matrix]"))
+    models = _names(raw.get("models", []), f"{where}: matrix.models", check_id, "model id")
+    names = _names(raw.get("pools", []), f"{where}: matrix.pools", check_id, "pool name")
+    known = [p.name for p in pools]
+    for name in names:
+        if name not in known:
+            raise RbeeError(f"{where}: matrix.pools names no pool {name!r}", f"known pools: {', '.join(known)}")
+    try:
+        max_tokens = _int(raw.get("max_tokens", DEFAULT_MAX_TOKENS), "matrix.max_tokens", 1, 1 << 20)
+        cluster_ctx = _int(raw.get("cluster_ctx", DEFAULT_CLUSTER_CTX), "matrix.cluster_ctx", 1, 1 << 30)
+    except RbeeError as exc:
+        raise RbeeError(f"{where}: {exc.message}") from None
+    clusters = raw.get("clusters", [])
+    if not isinstance(clusters, list):
+        raise RbeeError(f'{where}: matrix.clusters must be a list of clusters, e.g. ["local+node2+node3"]')
+    try:
+        specs = tuple(cluster_spec(c, known) for c in clusters)
+    except RbeeError as exc:
+        raise RbeeError(f"{where}: matrix.clusters: {exc.message}", exc.hint) from None
+    return MatrixConfig(models=models, pools=names, max_tokens=max_tokens, clusters=specs, cluster_ctx=cluster_ctx)
+
+
 def parse(doc: dict[str, Any], where: str = "config") -> Config:
-    """Build a Config from a parsed TOML document, with errors that name the offending key."""
-    unknown = sorted(set(doc) - {"pools", "registry", "theme", "matrix"})
-    if unknown:
-        raise RbeeError(f"{where}: unknown key(s) {', '.join(unknown)}", "known keys: pools, registry, theme, matrix")
+    """Build a Config from a parsed TOML document, with errors that name the offending key.
+
+    Keys nothing reads are not errors: they become `Config.warnings` (a typo should not lock anyone out).
+    """
+    warnings = _unknown_keys(doc, TOP_KEYS, where)
     raw_pools = doc.get("pools")
     if raw_pools is None:
         pools: tuple[PoolConfig, ...] = (local_pool(),)
     else:
         if not isinstance(raw_pools, list) or not raw_pools:
             raise RbeeError(f"{where}: pools must be a non-empty array of tables ([[pools]])")
-        pools = tuple(_pool_from(p, i, where) for i, p in enumerate(raw_pools))
+        pools = tuple(_pool_from(p, i, where, warnings) for i, p in enumerate(raw_pools))
         names = [p.name for p in pools]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -218,6 +311,7 @@ def parse(doc: dict[str, Any], where: str = "config") -> Config:
     reg = doc.get("registry", {})
     if not isinstance(reg, dict):
         raise RbeeError(f"{where}: registry must be a table")
+    warnings.extend(_unknown_keys(reg, REGISTRY_KEYS, f"{where}: [registry]"))
     endpoint = reg.get("endpoint", DEFAULT_ENDPOINT)
     if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
         raise RbeeError(f"{where}: registry.endpoint must be an http(s) URL, got {endpoint!r}")
@@ -225,9 +319,24 @@ def parse(doc: dict[str, Any], where: str = "config") -> Config:
     if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
         raise RbeeError(f"{where}: registry.models must be an array of tables ([[registry.models]])")
     theme = doc.get("theme", "rbee-dark")
-    if not isinstance(theme, str):
-        raise RbeeError(f"{where}: theme must be a string")
-    return Config(pools=pools, registry=RegistryConfig(endpoint=endpoint, models=tuple(models)), theme=theme)
+    if not isinstance(theme, str) or not theme:
+        raise RbeeError(f"{where}: theme must be a non-empty string")
+    matrix = _matrix_from(doc.get("matrix", {}), where, pools, warnings)
+    return Config(
+        pools=pools,
+        registry=RegistryConfig(endpoint=endpoint, models=tuple(models)),
+        theme=theme,
+        matrix=matrix,
+        warnings=tuple(warnings),
+    )
+
+
+def _decode(raw: bytes, path: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        text = raw.decode("utf-8")
+        return text, tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(str(path), f"not valid TOML ({exc})", "fix it by hand or move it away") from None
 
 
 def load(explicit: str | os.PathLike[str] | None = None) -> Config:
@@ -239,17 +348,136 @@ def load(explicit: str | os.PathLike[str] | None = None) -> Config:
         if explicit:
             raise RbeeError(f"config file {path} does not exist") from None
         return replace(Config(), path=path)
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(str(path), f"not valid TOML ({exc})", "fix it by hand or move it away") from None
+    _, doc = _decode(raw, path)
     return replace(parse(doc, str(path)), path=path)
 
 
+def render(cfg: Config) -> str:
+    """The whole config as a fresh file's text."""
+    return HEADER + tomli_w.dumps(cfg.to_toml())
+
+
 def save(cfg: Config, explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Atomically write the config (to its own path unless told otherwise) and return where."""
+    """Atomically write the whole config as a fresh file (`rbee-tui config init`) and return where.
+
+    It replaces what is there: to change one setting of a user's file, use set_theme, add_pool or update_pool.
+    """
     path = Path(explicit).expanduser() if explicit else (cfg.path or config_path())
-    body = tomli_w.dumps(cfg.to_toml())
     with files.locked(path):
-        files.atomic_write(path, "# rbee-tui config: see README.md, section Configuration\n" + body)
+        files.atomic_write(path, render(cfg))
     return path
+
+
+# -- edits of the user's own file ---------------------------------------------------------------------------
+
+
+def _edit(cfg: Config, change: Callable[[tomlkit.TOMLDocument, Config], None]) -> Config:
+    """Apply `change` to the file as it is now (read under its lock), check the result loads, write it back."""
+    path = cfg.path or config_path()
+    with files.locked(path):
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raw = None
+        if raw is None:
+            # No file yet: start from the config in force (the built-in default pool included), so that
+            # saving one setting does not drop the rest.
+            text, plain = render(cfg), tomllib.loads(render(cfg))
+        else:
+            text, plain = _decode(raw, path)
+        current = parse(plain, str(path))  # a file that does not load is reported, never overwritten
+        try:
+            doc = tomlkit.parse(text)
+        except TOMLKitError as exc:
+            raise CorruptFileError(str(path), f"not valid TOML ({exc})", "fix it by hand or move it away") from None
+        change(doc, current)
+        updated = parse(doc.unwrap(), str(path))
+        files.atomic_write(path, tomlkit.dumps(doc))
+    return replace(updated, path=path)
+
+
+def _pools_of(doc: tomlkit.TOMLDocument, current: Config) -> AoT | Array:
+    """The file's pools array; a file with none gets the pools in force written out first (the default local)."""
+    if "pools" not in doc:
+        aot = tomlkit.aot()
+        for pool in current.pools:
+            aot.append(_table(pool.to_toml()))
+        doc["pools"] = aot
+    return doc["pools"]  # type: ignore[return-value]
+
+
+def _table(values: dict[str, Any]) -> Table:
+    table = tomlkit.table()
+    for key, value in values.items():
+        table[key] = value
+    return table
+
+
+def set_theme(cfg: Config, theme: str) -> Config:
+    """Save the theme in the config file, touching nothing else; return the config now in force."""
+
+    def change(doc: tomlkit.TOMLDocument, current: Config) -> None:
+        doc["theme"] = theme
+
+    return _edit(cfg, change)
+
+
+def add_pool(cfg: Config, pool: PoolConfig) -> Config:
+    """Append a pool entry to the config file; a name already in use (in the file or in `cfg`) is refused."""
+
+    def change(doc: tomlkit.TOMLDocument, current: Config) -> None:
+        if pool.name in {p.name for p in (*current.pools, *cfg.pools)}:
+            raise RbeeError(f"a pool named {pool.name} exists", "edit that pool, or give this one another name")
+        pools = _pools_of(doc, current)
+        values = pool.to_toml()
+        if isinstance(pools, AoT):
+            entry = _table(values)
+            if list(doc.keys())[-1] != "pools":
+                entry.add(tomlkit.nl())  # a blank line before the table that follows, as a person would leave
+            pools.append(entry)
+        else:  # `pools = [{...}, ...]`, written inline by hand: stay inline
+            inline = tomlkit.inline_table()
+            inline.update(values)
+            pools.append(inline)
+
+    return _edit(cfg, change)
+
+
+def update_pool(cfg: Config, name: str, pool: PoolConfig) -> Config:
+    """Edit the config file's entry for pool `name` to say `pool` (which may rename it).
+
+    Only keys whose value changes are written; a key is removed only when `pool` leaves it unset; the keys the
+    pool form does not show (hive_command, known_hosts, llama_server) and keys this tool does not know stay.
+    """
+
+    def change(doc: tomlkit.TOMLDocument, current: Config) -> None:
+        names = [p.name for p in current.pools]
+        if name not in names:
+            raise RbeeError(
+                f"no pool named {name!r} in {cfg.path or config_path()}", f"known pools: {', '.join(names)}"
+            )
+        if pool.name != name and pool.name in {*names, *(p.name for p in cfg.pools)}:
+            raise RbeeError(f"a pool named {pool.name} exists", "choose another name")
+        index = names.index(name)
+        entry = _pools_of(doc, current)[index]
+        old, new = current.pools[index].to_toml(), pool.to_toml()
+        for key, value in new.items():
+            if old.get(key) != value:
+                entry[key] = value
+        for key in list(entry.keys()):
+            if key in PoolConfig.__dataclass_fields__ and key not in new and key not in KEPT_POOL_KEYS:
+                del entry[key]
+        matrix = doc.get("matrix")
+        if pool.name != name and isinstance(matrix, dict) and isinstance(matrix.get("pools"), list):
+            # The default matrix names pools: follow the rename, or the file would no longer load.
+            listed = matrix["pools"]
+            for i, value in enumerate(list(listed)):
+                if value == name:
+                    listed[i] = pool.name
+        if pool.name != name and isinstance(matrix, dict) and isinstance(matrix.get("clusters"), list):
+            clusters = matrix["clusters"]  # likewise the cluster columns' pools
+            for i, value in enumerate(list(clusters)):
+                if isinstance(value, str) and name in value.split("+"):
+                    clusters[i] = "+".join(pool.name if n == name else n for n in value.split("+"))
+
+    return _edit(cfg, change)

@@ -36,3 +36,30 @@ class Cancelled(RbeeError):
     """Work stopped because the user asked for it."""
 
     exit_code = 130
+
+
+class HostKeyUnknown(RbeeError):
+    """An SSH pool presents a host key that known_hosts has nothing for: the user may check and trust it."""
+
+    def __init__(self, pool: str, where: str, fingerprint: str, hint: str | None = None) -> None:
+        super().__init__(f"the host key of {where} is unknown ({fingerprint})", hint)
+        self.pool = pool  # the pool's name
+        self.where = where  # host:port
+        self.fingerprint = fingerprint  # SHA256:..., or "unknown" when it could not be read
+
+
+class HostKeyChanged(RbeeError):
+    """An SSH pool presents a host key other than the one known_hosts records for it."""
+
+    def __init__(
+        self, pool: str, where: str, fingerprint: str, expected: tuple[str, ...], known_hosts: str, hint: str | None
+    ) -> None:
+        super().__init__(
+            f"the host key of {where} CHANGED: it presents {fingerprint}, {known_hosts} expects {', '.join(expected)}",
+            hint,
+        )
+        self.pool = pool
+        self.where = where
+        self.fingerprint = fingerprint
+        self.expected = expected  # the fingerprints known_hosts has for it
+        self.known_hosts = known_hosts

@@ -1,7 +1,7 @@
 """The dashboard's service layer: every pool's client, downloads, workers and prompts. No UI imports here.
 
-The app calls these methods and renders what they report through one callback of `FleetEvent`s; it never
-does I/O itself.
+The app calls these methods and renders what they report through one callback of typed events (below); it
+never does I/O itself.
 """
 
 from __future__ import annotations
@@ -10,15 +10,17 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from rbee_tui import config as cfgmod
+from rbee_tui.cluster.board import ClusterBoard
 from rbee_tui.config import Config, PoolConfig
 from rbee_tui.errors import RbeeError
-from rbee_tui.matrix.store import FINAL
+from rbee_tui.matrix.board import MatrixBoard
 from rbee_tui.names import check_backends, check_id, check_repo, check_repo_file
-from rbee_tui.pools.client import PoolClient, PoolEvent
+from rbee_tui.pools.client import PoolClient, PoolEvent, SampleReceived, StateChanged, WorkersListed
+from rbee_tui.sample import Sample
 from rbee_tui.worker.client import execute
 
 
@@ -43,13 +45,78 @@ class Download:
         return f"{self.pool}/{self.model}"
 
 
-@dataclass
-class FleetEvent:
-    """Something the screen should re-render: `kind` is state, sample, workers, catalog, download, error."""
+FOLLOW_S = 1.0  # a pool's worker list is read again at most this often when its samples disagree with it
 
-    kind: str
-    pool: str = ""
-    data: Any = None
+
+@dataclass(frozen=True)
+class PoolStateChanged:
+    """A pool connected, was lost or is reconnecting; `error` is the typed failure behind a lost pool."""
+
+    pool: str
+    state: str
+    reason: str = ""
+    error: RbeeError | None = None
+
+
+@dataclass(frozen=True)
+class SampleArrived:
+    """A pool's metrics sample came in (read it from the pool's view)."""
+
+    pool: str
+
+
+@dataclass(frozen=True)
+class WorkersChanged:
+    """A pool's workers (or the ones being spawned there) changed."""
+
+    pool: str
+
+
+@dataclass(frozen=True)
+class CatalogChanged:
+    """A pool's catalog was read again."""
+
+    pool: str
+
+
+@dataclass(frozen=True)
+class DownloadChanged:
+    """A download made progress, finished, failed or was cancelled."""
+
+    download: Download
+
+
+@dataclass(frozen=True)
+class ErrorReported:
+    """Something failed that the user should hear about."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ClusterChanged:
+    """A cluster of `model` started, changed state, failed, restarted or stopped."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class MatrixChanged:
+    """A job board cell changed (`key`), or the whole board (None)."""
+
+    key: str | None
+
+
+FleetEvent = (
+    PoolStateChanged
+    | SampleArrived
+    | WorkersChanged
+    | CatalogChanged
+    | DownloadChanged
+    | ErrorReported
+    | MatrixChanged
+    | ClusterChanged
+)
 
 
 class Fleet:
@@ -62,10 +129,24 @@ class Fleet:
         self.clients: dict[str, PoolClient] = {}
         self.catalogs: dict[str, dict[str, Any]] = {}
         self.downloads: dict[str, Download] = {}
-        self.last_tps: dict[tuple[str, str], float] = {}
+        # Keyed by pool, worker id and start time: a new worker that reuses an id starts with no reading.
+        self.last_tps: dict[tuple[str, str, float], float] = {}
         self.pending: dict[str, list[dict[str, Any]]] = {}
-        self.matrix = MatrixBoard(self)
+        self.matrix = MatrixBoard(
+            lambda: self.clients,
+            lambda: self.config.matrix,
+            lambda key: self.on_event(MatrixChanged(key)),
+            lambda text: self.on_event(ErrorReported(text)),
+        )
+        self.clusters = ClusterBoard(
+            lambda: self.clients,
+            lambda model: self.on_event(ClusterChanged(model)),
+            lambda text: self.on_event(ErrorReported(text)),
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._spawns: set[asyncio.Task[Any]] = set()
+        self._refreshing: set[str] = set()  # pools whose worker list is being read again
+        self._followed: dict[str, float] = {}  # pool -> when its worker list may be read again
         for pool in config.pools:
             self._add_client(pool)
 
@@ -81,26 +162,83 @@ class Fleet:
         task.add_done_callback(self._tasks.discard)
 
     def _relay(self, event: PoolEvent) -> None:
-        self.on_event(FleetEvent(event.kind, event.pool, event.data))
-        if event.kind == "state" and event.data[0] == "connected":
-            self._background(self._quietly(self.refresh_catalog(event.pool)))
+        """Turn a pool client's report into the dashboard's typed events."""
+        match event:
+            case StateChanged(pool=pool, state=state, reason=reason, error=error):
+                self.on_event(PoolStateChanged(pool, state, reason, error))
+                if state == "connected":
+                    self._background(self._quietly(self.refresh_catalog(pool)))
+            case SampleReceived(pool=pool, sample=sample):
+                self.on_event(SampleArrived(pool))
+                self._follow_workers(pool, sample)
+            case WorkersListed(pool=pool):
+                self.on_event(WorkersChanged(pool))
+
+    def _follow_workers(self, pool: str, sample: Sample) -> None:
+        """Workers started or stopped elsewhere (the CLI, another dashboard, a crash) show up in the node's
+        samples before anyone tells us: read the list again when the sample's live workers are not the ones
+        known (at most every FOLLOW_S per pool; a failure here is not the user's business, the next sample
+        tries again)."""
+        client = self.clients.get(pool)
+        if client is None or pool in self._refreshing or time.monotonic() < self._followed.get(pool, 0.0):
+            return
+        seen = {r.id for r in sample.workers if r.alive}
+        known = {w["id"] for w in client.view.workers if w["state"] != "exited"}
+        if seen == known and {r.id for r in sample.workers} == {w["id"] for w in client.view.workers}:
+            return
+        self._refreshing.add(pool)
+        self._followed[pool] = time.monotonic() + FOLLOW_S
+
+        async def refresh() -> None:
+            try:
+                await client.workers()
+            except RbeeError:
+                pass
+            finally:
+                self._refreshing.discard(pool)
+
+        self._background(refresh())
 
     async def _quietly(self, coro: Any) -> None:
         try:
             await coro
         except RbeeError as exc:
-            self.on_event(FleetEvent("error", "", str(exc)))
+            self.on_event(ErrorReported(str(exc)))
 
     def start(self) -> None:
         """Connect every pool in the background."""
         for client in self.clients.values():
             client.start()
 
+    def busy(self) -> list[str]:
+        """What quitting now would cut short, in words (empty: nothing)."""
+        out = [
+            f"download of {d.model} on {d.pool}" for d in self.downloads.values() if d.state in ("starting", "running")
+        ]
+        if self.matrix.running:
+            out.append("the matrix run")
+        out += [f"the cluster of {m}" for m in self.clusters.clusters if self.clusters.running(m)]
+        out += [f"spawn of {t.get_name().removeprefix('spawn:')}" for t in self._spawns if not t.done()]
+        return out
+
     async def close(self) -> None:
-        """Cancel downloads in flight and close every connection."""
-        for d in self.downloads.values():
-            if d.task is not None and not d.task.done():
-                d.task.cancel()
+        """Stop what this dashboard started, then close every connection: the matrix run and spawns in flight
+        stop their workers first (a closed connection could not stop them any more), downloads keep their bytes."""
+        downloads = [d.task for d in self.downloads.values() if d.task is not None and not d.task.done()]
+        spawns = [t for t in self._spawns if not t.done()]
+        for t in [*downloads, *spawns]:
+            t.cancel()
+        # Awaited, not only cancelled: a download's process on the node ends with its stream, which must close
+        # while the connection is still there.
+        await asyncio.wait(
+            [
+                asyncio.ensure_future(self.matrix.stop()),
+                asyncio.ensure_future(self.clusters.close()),
+                *downloads,
+                *spawns,
+            ],
+            timeout=60,
+        )
         await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
 
     def client(self, pool: str) -> PoolClient:
@@ -115,7 +253,7 @@ class Fleet:
         """Fetch a pool's catalog and report it."""
         doc = await self.client(pool).hive("models", "catalog")
         self.catalogs[pool] = doc
-        self.on_event(FleetEvent("catalog", pool, doc))
+        self.on_event(CatalogChanged(pool))
         return doc
 
     def pools_having(self, model_id: str) -> list[str]:
@@ -169,7 +307,7 @@ class Fleet:
         d = Download(pool, model_id)
         self.downloads[key] = d
         d.task = asyncio.create_task(self._run_download(d), name=f"download:{key}")
-        self.on_event(FleetEvent("download", pool, d))
+        self.on_event(DownloadChanged(d))
         return d
 
     async def _run_download(self, d: Download) -> None:
@@ -186,16 +324,16 @@ class Fleet:
                 elif ev.get("event") in ("error", "cancelled"):
                     d.state = "failed" if ev["event"] == "error" else "cancelled"
                     d.error = ev.get("error", "")
-                self.on_event(FleetEvent("download", d.pool, d))
+                self.on_event(DownloadChanged(d))
             if d.state not in ("done", "failed", "cancelled"):
                 d.state, d.error = "failed", "the download ended without a result"
         except asyncio.CancelledError:
             d.state, d.error = "cancelled", "cancelled; the bytes received are kept for a resume"
         except RbeeError as exc:
             d.state, d.error = "failed", str(exc)
-        self.on_event(FleetEvent("download", d.pool, d))
+        self.on_event(DownloadChanged(d))
         if d.state == "failed":
-            self.on_event(FleetEvent("error", d.pool, f"download of {d.model} failed: {d.error}"))
+            self.on_event(ErrorReported(f"download of {d.model} on {d.pool} failed: {d.error}"))
         with contextlib.suppress(RbeeError):
             await self.refresh_catalog(d.pool)
 
@@ -208,33 +346,42 @@ class Fleet:
     # -- workers ------------------------------------------------------------------------------------------
 
     async def spawn(self, pool: str, backend: str, model_id: str, gpu: int = 0) -> dict[str, Any]:
-        """Spawn a worker and wait until it is ready (its loading shows in the workers list meanwhile)."""
+        """Spawn a worker and wait until it is ready (its loading shows in the workers list meanwhile). Quitting
+        meanwhile stops the worker: nobody would be there to see it."""
+        task = asyncio.ensure_future(self._spawn(pool, backend, model_id, gpu))
+        task.set_name(f"spawn:{model_id} on {pool}")
+        self._spawns.add(task)
+        task.add_done_callback(self._spawns.discard)
+        return await task
+
+    async def _spawn(self, pool: str, backend: str, model_id: str, gpu: int) -> dict[str, Any]:
         client = self.client(pool)
         check_backends([backend])
-        args = ["worker", "spawn", backend, "--model", check_id(model_id), "--gpu", str(int(gpu)), "--json"]
-        # Shown at once as "spawning", so the table answers the click before the node does.
+        check_id(model_id)
+        # Shown at once as "spawning", so the table answers the key before the node does.
         pending = {
             "id": f"spawning-{model_id}",
             "model": model_id,
             "backend": backend,
-            "gpu": gpu,
+            "gpu": gpu if backend != "cpu" else "-",
             "port": "-",
             "state": "spawning",
             "started_at": time.time(),
             "engine": "-",
         }
         self.pending.setdefault(pool, []).append(pending)
-        self.on_event(FleetEvent("workers", pool, None))
+        self.on_event(WorkersChanged(pool))
+
+        def settled(worker: dict[str, Any] | None = None) -> None:
+            # The node answered: the worker is in the pool's list now (loading), the placeholder goes.
+            if pending in self.pending[pool]:
+                self.pending[pool].remove(pending)
+                self.on_event(WorkersChanged(pool))
+
         try:
-            w = await client.hive(*args)
+            return await client.spawn_worker(backend, model_id, gpu=int(gpu), on_spawned=settled)
         finally:
-            self.pending[pool].remove(pending)
-        await client.workers()
-        try:
-            await client.wait_worker_ready(w["id"])
-        finally:
-            await client.workers()
-        return w
+            settled()
 
     async def stop(self, pool: str, worker_id: str) -> None:
         """Stop a worker."""
@@ -254,7 +401,7 @@ class Fleet:
             try:
                 async for ev in execute(session, url, worker["engine"], body):
                     if ev["event"] == "done":
-                        self.last_tps[(pool, worker_id)] = ev["tokens_per_sec"]
+                        self.last_tps[(pool, worker_id, worker["started_at"])] = ev["tokens_per_sec"]
                     yield ev
             except (aiohttp.ClientError, RuntimeError) as exc:
                 raise RbeeError(f"{worker_id}: {exc}") from None
@@ -267,172 +414,29 @@ class Fleet:
 
     # -- config -------------------------------------------------------------------------------------------
 
-    def save_pool(self, pool: PoolConfig) -> None:
-        """Add or replace a pool in the config file and connect to it."""
-        self.config = self.config.with_pool(pool)
-        cfgmod.save(self.config)
-        old = self.clients.pop(pool.name, None)
-        if old is not None:
-            self._background(old.close())
+    def save_pool_config(self, old_name: str | None, pool: PoolConfig) -> None:
+        """Write a new pool (old_name None: refused if the name is taken) or a changed one into the config file,
+        keeping every key and comment the form does not own (blocking: call it from a thread)."""
+        if old_name is None:
+            self.config = cfgmod.add_pool(self.config, pool)
+        else:
+            self.config = cfgmod.update_pool(self.config, old_name, pool)
+
+    def connect_pool(self, old_name: str | None, pool: PoolConfig) -> None:
+        """Connect to a saved pool, closing the connection of the entry it replaces."""
+        for name in {old_name, pool.name} - {None}:
+            old = self.clients.pop(name, None)  # type: ignore[arg-type]
+            if old is not None:
+                self._background(old.close())
         self._add_client(pool).start()
 
-    async def trust(self, pool: str) -> str:
-        """Accept a pool's current host key (the user saw its fingerprint); the pool then reconnects."""
+    async def trust(self, pool: str, fingerprint: str) -> str:
+        """Accept the host key the user saw (refused if the server now presents another); the pool then
+        reconnects."""
         from rbee_tui.pools.hostkeys import trust
 
-        return await trust(self.client(pool).pool)
-
-    async def host_key_fingerprint(self, pool: str) -> str:
-        """The fingerprint of the key a pool's server presents."""
-        from rbee_tui.pools.hostkeys import server_key
-
-        return (await server_key(self.client(pool).pool)).get_fingerprint("sha256")
+        return await trust(self.client(pool).pool, fingerprint)
 
     def set_theme(self, theme: str) -> None:
-        """Remember the theme in the config file."""
-        self.config = replace(self.config, theme=theme)
-        cfgmod.save(self.config)
-
-
-class MatrixBoard:
-    """The job board's state: the planned cells, each cell's latest job, and the run going on."""
-
-    def __init__(self, fleet: Fleet, db: Any = None) -> None:
-        self.fleet = fleet
-        self.db = db
-        self.cells: list[Any] = []
-        self.jobs: dict[str, dict[str, Any]] = {}  # cell key -> latest job row
-        self.run_id: int | None = None
-        self.runner: Any = None
-        self.task: asyncio.Task[Any] | None = None
-        self.started = 0.0
-        self._store: Any = None
-        self._keys: dict[int, str] = {}
-
-    @property
-    def store(self) -> Any:
-        """The results database (opened on first use)."""
-        if self._store is None:
-            from rbee_tui.matrix.store import Store
-
-            self._store = Store(self.db)
-        return self._store
-
-    @property
-    def running(self) -> bool:
-        """Whether a run is going on."""
-        return self.task is not None and not self.task.done()
-
-    async def plan(self) -> list[Any]:
-        """Plan the matrix from the pools' catalogs and status (the config's [matrix] narrows it)."""
-        from rbee_tui.matrix.headless import gather_plan
-
-        cfg = self.fleet.config.matrix
-        clients = {n: c for n, c in self.fleet.clients.items() if not cfg.pools or n in cfg.pools}
-        _, self.cells = await gather_plan(clients, list(cfg.models) or None)
-        self.fleet.on_event(FleetEvent("matrix", "", None))
-        return self.cells
-
-    def start(self, cells: list[Any]) -> None:
-        """Run these cells (inside the current run, so retries and partial runs add up on one board)."""
-        from rbee_tui.matrix.scheduler import MatrixRunner
-
-        if self.running:
-            raise RbeeError("a matrix run is already going", "cancel it first (x)")
-        if not cells:
-            raise RbeeError("nothing to run there")
-        self.runner = MatrixRunner(
-            self.fleet.clients, self.store, max_tokens=self.fleet.config.matrix.max_tokens, on_change=self._changed
-        )
-        self.started = time.time()
-
-        async def go() -> None:
-            try:
-                self.run_id = await self.runner.run(cells, {"source": "dashboard"}, run_id=self.run_id)
-            except Exception as exc:  # reported on the board and in the error log
-                self.fleet.on_event(FleetEvent("error", "", f"matrix run failed: {exc}"))
-            self.fleet.on_event(FleetEvent("matrix", "", None))
-
-        for cell in cells:
-            self.jobs[cell.key] = {
-                "state": "queued" if not cell.skip else "skipped",
-                "reason": cell.skip,
-                "measurements": {},
-            }
-        self.task = asyncio.create_task(go(), name="matrix")
-
-    def _changed(self, job: dict[str, Any]) -> None:
-        if "cell" in job:
-            self._keys[job["job_id"]] = job["cell"]
-            self.run_id = job["run_id"]
-        key = self._keys.get(job["job_id"])
-        if key is None:
-            return
-        current = self.jobs.setdefault(key, {"measurements": {}})
-        current.update(state=job["state"], reason=job.get("reason", ""), job_id=job["job_id"])
-        current["measurements"] = {
-            **current.get("measurements", {}),
-            **{k: v for k, v in job.items() if k not in ("state", "reason", "job_id", "run_id", "cell")},
-        }
-        self.fleet.on_event(FleetEvent("matrix", "", key))
-
-    def cancel(self) -> None:
-        """Cancel the run."""
-        if self.runner is not None and self.running:
-            self.runner.cancel()
-
-    def clear(self) -> None:
-        """Forget the board (the store keeps every run); the next run starts a new one."""
-        if self.running:
-            raise RbeeError("cancel the run before clearing the board")
-        self.jobs.clear()
-        self.run_id = None
-        self.fleet.on_event(FleetEvent("matrix", "", None))
-
-    def counts(self) -> dict[str, int]:
-        """Cells by outcome."""
-        states = [self.jobs.get(c.key, {}).get("state", "not run") for c in self.cells]
-        done = sum(s in FINAL for s in states)
-        return {
-            "total": len(self.cells),
-            "done": done,
-            "passed": states.count("passed"),
-            "failed": states.count("failed"),
-            "skipped": states.count("skipped"),
-            "lost": states.count("pool lost"),
-        }
-
-    def eta_s(self) -> float | None:
-        """Time left: the mean time of finished jobs times the jobs left, spread over the pools running them."""
-        c = self.counts()
-        finished = c["passed"] + c["failed"]
-        if not self.running or not finished:
-            return None
-        per_job = (time.time() - self.started) / finished
-        left = [k for k, j in self.jobs.items() if j.get("state") not in FINAL]
-        pools = len({k.rsplit("@", 1)[-1] for k in left}) or 1
-        return per_job * len(left) / pools
-
-    def export(self, formats: list[str], out: Any) -> list[Any]:
-        """Write the current run's tables."""
-        from rbee_tui.matrix import export
-
-        if self.run_id is None:
-            raise RbeeError("no run to export yet")
-        return export.write(self.store.run(self.run_id), self.store.jobs(self.run_id), formats, out)
-
-    def details(self, key: str) -> dict[str, Any]:
-        """A cell's job: measurements, timeline, log tail, and the previous run's tokens/s."""
-        job = self.jobs.get(key)
-        if job is None or "job_id" not in job or self.run_id is None:
-            return {"cell": key, "state": (job or {}).get("state", "not run"), "reason": (job or {}).get("reason", "")}
-        row = next((j for j in self.store.jobs(self.run_id) if j["id"] == job["job_id"]), None) or {}
-        return {
-            "cell": key,
-            "state": row.get("state"),
-            "reason": row.get("reason", ""),
-            "measurements": row.get("measurements", {}),
-            "log_tail": row.get("log_tail", ""),
-            "timeline": self.store.events(job["job_id"]),
-            "previous": self.store.previous(self.run_id, key),
-        }
+        """Remember the theme in the config file (blocking: call it from a thread)."""
+        self.config = cfgmod.set_theme(self.config, theme)

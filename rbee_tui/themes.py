@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from textual.theme import Theme
 
-THEMES_DIR = Path(__file__).resolve().parent.parent / "themes"
+# Shipped inside the package so an installed wheel has them; in a source checkout rbee_tui/themes_data is a
+# symlink to the top-level themes/, which stays the one copy people edit. Textual reads CSS from real paths,
+# and setuptools never installs this package zipped, so the resource is a plain directory.
+THEMES_DIR = Path(str(resources.files("rbee_tui") / "themes_data"))
 
 RBEE_DARK = Theme(
     name="rbee-dark",

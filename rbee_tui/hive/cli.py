@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ from rbee_tui import config as cfgmod
 from rbee_tui.catalog import CatalogStore, ensure_not_tiny, human_size, new_entry, render_table
 from rbee_tui.errors import Cancelled, RbeeError
 from rbee_tui.names import check_id
+from rbee_tui.units import duration
 
 PROG = "rbee-hive"
 
@@ -47,12 +49,13 @@ def _context(args: argparse.Namespace) -> Context:
     models_dir = (
         args.models_dir
         or os.environ.get("RBEE_MODELS_DIR")
-        or (pool.models_dir if pool else cfgmod.default_models_dir())
+        or (pool.models_dir if pool else None)
+        or cfgmod.default_models_dir()  # this user's own default: what a dashboard that names none expects
     )
     pool_id = check_id(args.pool_id or (pool.name if pool else "local"), "pool id")
     path = Path(models_dir).expanduser()
     store = CatalogStore(path, pool_id, cfg.registry.models)
-    from rbee_tui.hive.downloads import endpoint
+    from rbee_tui.hive.hub import endpoint
 
     return Context(pool_id, path, store, endpoint(cfg.registry.endpoint), args.json, cfg, pool)
 
@@ -184,7 +187,7 @@ def cmd_download(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
-    from rbee_tui.hive.downloads import verify
+    from rbee_tui.hive.verify import verify
 
     result = verify(ctx.store, check_id(args.id))
     if ctx.json:
@@ -233,7 +236,7 @@ def _worker_line(w: dict[str, Any]) -> str:
     rss = human_size(w["rss_bytes"]) if w.get("rss_bytes") else "-"
     return (
         f"{w['id']:<18}{w['model']:<14}{w['backend']:<8}{w['gpu']:<5}{w['port']:<7}{state:<20}"
-        f"{w['uptime_s']:>8.0f}s  {rss:<10}{w['engine']}"
+        f"{duration(w.get('uptime_s')):>9}  {rss:<10}{w['engine']}"
     )
 
 
@@ -252,6 +255,8 @@ def cmd_worker_spawn(ctx: Context, args: argparse.Namespace) -> int:
         engine=args.engine,
         n_ctx=args.n_ctx,
         llama_server=llama_server,
+        kind=args.kind,
+        server_args=tuple(shlex.split(args.server_args or "")),
     )
     if not ctx.json:
         print(
@@ -269,6 +274,27 @@ def cmd_worker_spawn(ctx: Context, args: argparse.Namespace) -> int:
         _emit(out)
     else:
         print(f"✅ Worker {record.id} {'ready' if args.wait else 'started'}: endpoint {record.url}")
+    return 0
+
+
+def cmd_worker_wait(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive.workers import describe, wait_ready
+
+    record = _registry(ctx).find(check_id(args.worker_id, "worker id"))
+
+    def cancel(signum: int, frame: Any) -> None:
+        raise Cancelled(f"stopped waiting for worker {record.id}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, cancel)
+    # On the node, beside the worker: only its own /health is asked, never every worker's.
+    wait_ready(record, timeout=args.timeout)
+    out = describe(record)
+    out["ready_after_s"] = round(time.time() - record.started_at, 3)
+    if ctx.json:
+        _emit(out)
+    else:
+        print(f"✅ Worker {record.id} ready: endpoint {record.url}")
     return 0
 
 
@@ -330,6 +356,99 @@ def cmd_worker_logs(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def _rpc_registry(ctx: Context) -> Any:
+    from rbee_tui.hive.rpc import RpcRegistry
+
+    return RpcRegistry(ctx.pool_id)
+
+
+def _rpc_line(server: dict[str, Any] | None) -> str:
+    if server is None:
+        return "no rpc-server on this node"
+    if server["state"] == "exited":
+        return f"rpc-server exited: {server.get('reason')}"
+    mem = ", ".join(
+        f"{d['name']} {human_size(d['free_bytes'])} free of {human_size(d['total_bytes'])}" for d in server["devices"]
+    )
+    busy = "busy (serving a coordinator)" if server["busy"] else "idle"
+    return f"rpc-server on {server['endpoint']}, pid {server['worker_pid']}, {busy}, build {server['build']}; {mem}"
+
+
+def cmd_rpc_start(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive import rpc
+
+    pool = ctx.pool
+    server = rpc.start(
+        _rpc_registry(ctx),
+        host=args.host or (pool.rpc_host if pool and pool.rpc_host else "127.0.0.1"),
+        port=args.port,
+        device=args.device,
+        threads=args.threads,
+        binary=args.rpc_server or (pool.rpc_server if pool else None),
+        llama_server=args.llama_server or (pool.llama_server if pool else None),
+        cache=not args.no_cache,
+    )
+    if ctx.json:
+        _emit(server)
+    else:
+        print(_rpc_line(server))
+    return 0
+
+
+def cmd_rpc_status(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive import rpc
+
+    pool = ctx.pool
+    out = rpc.status(
+        _rpc_registry(ctx),
+        ctx.pool_id,
+        binary=args.rpc_server or (pool.rpc_server if pool else None),
+        llama_server=args.llama_server or (pool.llama_server if pool else None),
+    )
+    if ctx.json:
+        _emit(out)
+    else:
+        print(_rpc_line(out["server"]))
+    return 0
+
+
+def cmd_rpc_stop(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.hive import rpc
+
+    out = rpc.stop(_rpc_registry(ctx), grace=args.grace)
+    if ctx.json:
+        _emit(out)
+    else:
+        print("🛑 rpc-server stopped" if out["stopped"] else "no rpc-server was running")
+    return 0
+
+
+def cmd_rpc_shape(ctx: Context, args: argparse.Namespace) -> int:
+    from rbee_tui.cluster.layers import read_shape, shape_to_json
+    from rbee_tui.hive import rpc
+    from rbee_tui.hive.status import node_status
+
+    entry = ctx.store.load().get(check_id(args.model))
+    if not entry.downloaded or not Path(entry.path).is_file():
+        raise RbeeError(f"Model {entry.id} not downloaded. Run: rbee-hive models download {entry.id}")
+    server = rpc.find_llama_server(args.llama_server or (ctx.pool.llama_server if ctx.pool else None))
+    out = {
+        "pool_id": ctx.pool_id,
+        "model": entry.id,
+        "path": entry.path,
+        "shape": shape_to_json(read_shape(Path(entry.path))),
+        "llama_server": server,
+        "build": rpc.build_of(server),
+        "ram_available": node_status(ctx.pool_id, str(ctx.models_dir))["ram_available"],
+    }
+    if ctx.json:
+        _emit(out)
+    else:
+        shape = out["shape"]
+        print(f"{entry.id}: {shape['arch']}, {shape['n_layer']} layers, llama-server {server} (build {out['build']})")
+    return 0
+
+
 def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
     from rbee_tui.hive.metrics import Sampler
 
@@ -369,7 +488,15 @@ def cmd_version(ctx: Context | None, args: argparse.Namespace) -> int:
 def cmd_serve(ctx: Context | None, args: argparse.Namespace) -> int:
     from rbee_tui.hive.serve import serve
 
-    return serve()
+    # serve knows no command of its own: it runs each request through `main`, with the parser built once.
+    return serve(build_parser(), main)
+
+
+def cmd_setup(ctx: Context | None, args: argparse.Namespace) -> int:
+    """`rbee-hive setup`: build (or find cached) the llama.cpp tools of this node's llama-cpp-python version."""
+    from rbee_tui.hive import setup
+
+    return setup.run(args.llama_version, args.cmake_args, args.expect, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,7 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", type=int, help="context size (default: the model's, at most 4096)")
     p.add_argument("--wait", action="store_true", help="return only once the worker answers ready")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
+    p.add_argument("--kind", default="worker", choices=["worker", "cluster"], help=argparse.SUPPRESS)
+    # A cluster coordinator's llama-server arguments, one shell-quoted string: give it as --server-args=...
+    p.add_argument("--server-args", help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_worker_spawn)
+    p = wsub.add_parser("wait", help="wait until a spawned worker answers ready (or has died)", parents=[common])
+    p.add_argument("worker_id")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+    p.set_defaults(fn=cmd_worker_wait)
     wsub.add_parser("list", help="workers and their state", parents=[common]).set_defaults(fn=cmd_worker_list)
     p = wsub.add_parser("stop", help="stop a worker (SIGTERM, then SIGKILL)", parents=[common])
     p.add_argument("worker_id")
@@ -444,6 +578,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the worker ends")
     p.add_argument("--lines", "-n", type=int, default=100)
     p.set_defaults(fn=cmd_worker_logs)
+
+    rpcp = sub.add_parser("rpc", help="llama.cpp's ggml-rpc-server: this node's share of a cluster", parents=[common])
+    rsub = rpcp.add_subparsers(dest="cmd", required=True, metavar="ACTION")
+    p = rsub.add_parser("start", help="start ggml-rpc-server (loopback unless rpc_host is set)", parents=[common])
+    p.add_argument("--port", type=int, help="port (default 50052, or the next free one)")
+    p.add_argument("--host", help="address to listen on (default: the pool's rpc_host, else 127.0.0.1)")
+    p.add_argument("--device", help="devices to expose, e.g. CPU or CUDA0 (default: its GPUs, else the CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: half the hardware threads)")
+    p.add_argument("--rpc-server", help="path of ggml-rpc-server (default: the pool's rpc_server, the build cache)")
+    p.add_argument("--llama-server", help="path of llama-server: ggml-rpc-server is looked for beside it")
+    p.add_argument("--no-cache", action="store_true", help="no local tensor cache (-c)")
+    p.set_defaults(fn=cmd_rpc_start)
+    p = rsub.add_parser("status", help="the rpc-server: port, devices, build, busy", parents=[common])
+    p.add_argument("--rpc-server", help="path of ggml-rpc-server (for the build `start` would run)")
+    p.add_argument("--llama-server", help="path of llama-server: ggml-rpc-server is looked for beside it")
+    p.set_defaults(fn=cmd_rpc_status)
+    p = rsub.add_parser("stop", help="stop the rpc-server (SIGTERM, then SIGKILL)", parents=[common])
+    p.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL (default 5)")
+    p.set_defaults(fn=cmd_rpc_stop)
+    p = rsub.add_parser("shape", help="a model's layers and sizes, and the coordinator's build", parents=[common])
+    p.add_argument("--model", required=True, help="catalog id of a downloaded model")
+    p.add_argument("--llama-server", help="path of llama-server")
+    p.set_defaults(fn=cmd_rpc_shape)
+
+    from rbee_tui.hive import setup
+
+    p = sub.add_parser(
+        "setup", help="build llama.cpp's tools (llama-server, ggml-rpc-server) for this node, cached", parents=[common]
+    )
+    setup.add_arguments(p)
+    p.set_defaults(fn=cmd_setup, no_context=True)
 
     p = sub.add_parser("metrics", help="stream node metrics, one sample per interval", parents=[common])
     p.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")

@@ -22,10 +22,14 @@ import os
 import selectors
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 SERVE_PROTOCOL = 1
 _SIGNALS = {"TERM": signal.SIGTERM, "INT": signal.SIGINT, "KILL": signal.SIGKILL}
+# How a request's argv runs: `rbee-hive`'s own main, handed in by the caller so that this module imports no
+# command (rbee_tui.hive.cli imports this one to start it).
+Command = Callable[[list[str], argparse.ArgumentParser], int]
 
 
 @dataclass
@@ -38,17 +42,15 @@ class _Job:
     rc: int | None = None
 
 
-def _preload() -> argparse.ArgumentParser:
-    # What the short commands import, and the parser (argparse takes ~20 ms to build it), made once here so
-    # that every forked child starts warm. huggingface_hub and NVML stay out: downloads and metrics run as
-    # their own streams, and the idle agent should stay small.
+def _preload() -> None:
+    # What the short commands import, loaded once here so that every forked child starts warm (the parser,
+    # which argparse takes ~20 ms to build, comes built from the caller). huggingface_hub and NVML stay out:
+    # downloads and metrics run as their own streams, and the idle agent should stay small.
     import logging  # noqa: F401
 
     import psutil  # noqa: F401
 
-    from rbee_tui.hive import cli, downloads, status, verify, workers  # noqa: F401
-
-    return cli.build_parser()
+    from rbee_tui.hive import downloads, status, verify, workers  # noqa: F401
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -57,7 +59,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _child(argv: list[str], out_w: int, err_w: int, parser: argparse.ArgumentParser) -> None:
+def _child(argv: list[str], out_w: int, err_w: int, parser: argparse.ArgumentParser, command: Command) -> None:
     """In the forked child: become a plain `rbee-hive ARGV` whose stdout and stderr are the two pipes."""
     rc = 1
     try:
@@ -70,10 +72,8 @@ def _child(argv: list[str], out_w: int, err_w: int, parser: argparse.ArgumentPar
         os.dup2(err_w, 2)
         for fd in {out_w, err_w} - {0, 1, 2}:  # only as stdout and stderr: a worker it starts must not hold them
             os.close(fd)
-        from rbee_tui.hive.cli import main
-
         try:
-            rc = main(argv, parser)
+            rc = command(argv, parser)
         except SystemExit as exc:  # argparse's usage errors
             rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except BaseException as exc:  # a crash is this request's answer, never the agent's end
@@ -106,8 +106,9 @@ def _problem(req: object) -> str:
 class Server:
     """The loop: requests on stdin, one forked child per request, answers on stdout."""
 
-    def __init__(self, parser: argparse.ArgumentParser) -> None:
+    def __init__(self, parser: argparse.ArgumentParser, command: Command) -> None:
         self.parser = parser
+        self.command = command
         self.sel = selectors.DefaultSelector()
         self.jobs: dict[int, _Job] = {}  # pid -> job
         self.pipes: dict[int, _Job] = {}  # pipe fd -> job
@@ -131,7 +132,7 @@ class Server:
         if pid == 0:
             for fd in (out_r, err_r, self.wake_r, self.wake_w):
                 os.close(fd)
-            _child(argv, out_w, err_w, self.parser)
+            _child(argv, out_w, err_w, self.parser, self.command)
         os.close(out_w)
         os.close(err_w)
         job = _Job(request_id, pid)
@@ -246,16 +247,16 @@ class Server:
         return 0
 
 
-def serve() -> int:
-    """Run the agent until stdin ends; return the exit status."""
+def serve(parser: argparse.ArgumentParser, command: Command) -> int:
+    """Run the agent until stdin ends, each request through `command` with `parser`; return the exit status."""
     if not hasattr(os, "fork"):
         sys.stderr.write("rbee-hive: error: serve needs a POSIX system (fork)\n")
         return 2
-    parser = _preload()
+    _preload()
     # Children are short-lived: keep the collector off the warm heap so that forking copies as few pages as can be.
     gc.freeze()
     try:
-        return Server(parser).run()
+        return Server(parser, command).run()
     except OSError as exc:
         if exc.errno == errno.EPIPE:  # the dashboard went away while we answered
             return 0

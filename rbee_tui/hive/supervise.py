@@ -2,7 +2,9 @@
 
 `rbee-hive worker spawn` starts this in a new session (so it leads the worker's process group); it starts the
 worker, forwards SIGTERM/SIGINT to it, waits, and writes `{"exit_code", "signal", "ended_at"}` to the exit file
-atomically. Stdlib only, so it starts fast and stays small.
+atomically. Whatever the worker leaves behind in its group (llama-server, should its rbee-worker die without
+stopping it) is then sent SIGTERM, so nothing of a worker outlives it. Stdlib only, so it starts fast and
+stays small.
 
     python -m rbee_tui.hive.supervise EXIT_FILE -- COMMAND ARGS...
 """
@@ -47,7 +49,17 @@ def watch(exit_file: str, pid: int) -> int:
     _, status = os.waitpid(pid, 0)  # retried by Python when a forwarded signal interrupts it
     rc = os.waitstatus_to_exitcode(status)
     _record(exit_file, rc if rc >= 0 else None, -rc if rc < 0 else None)
+    _end_group()
     return rc if rc >= 0 else 128 - rc
+
+
+def _end_group() -> None:
+    """SIGTERM what is left in the process group this supervisor leads (only if it leads one)."""
+    if os.getpgrp() != os.getpid():
+        return  # run from a shell or a test without a session of its own: the group is not the worker's
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(os.getpid(), signal.SIGTERM)
 
 
 def _record(path: str, code: int | None, sig: int | None) -> None:

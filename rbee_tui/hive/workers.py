@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from rbee_tui.errors import RbeeError
 from rbee_tui.hive import warm
 from rbee_tui.names import BACKENDS, check_id
 from rbee_tui.worker.client import ENGINE_EMBEDDED, ENGINE_SERVER, ENGINES, probe_health
+from rbee_tui.worker.upstream import find_llama_server
 
 BASE_PORT = 8000
 STOP_GRACE_S = 10.0
@@ -52,6 +52,7 @@ class WorkerRecord:
     log: str
     exit_file: str
     argv: tuple[str, ...]
+    kind: str = "worker"  # "cluster": a llama-server coordinator of a model split over nodes (rbee_tui/cluster/)
 
     @property
     def url(self) -> str:
@@ -121,16 +122,36 @@ def group_members(pgid: int) -> list[psutil.Process]:
     return out
 
 
-def worker_process(record: WorkerRecord) -> psutil.Process | None:
-    """The inference process itself (the supervisor's child)."""
-    sup = _alive(record)
-    if sup is None:
+def _first_child(proc: psutil.Process | None) -> psutil.Process | None:
+    if proc is None:
         return None
     try:
-        children = sup.children()
+        children = proc.children()
         return children[0] if children else None
     except psutil.NoSuchProcess:
         return None
+
+
+def worker_process(record: WorkerRecord) -> psutil.Process | None:
+    """The inference process itself: the supervisor's child, or for the llama-server engine, that rbee-worker's
+    child llama-server (the process that holds the model, its memory and its GPU memory) once it runs."""
+    top = _first_child(_alive(record))
+    if record.engine == ENGINE_SERVER:
+        return _first_child(top) or top
+    return top
+
+
+def _rss(proc: psutil.Process) -> int | None:
+    """The memory a worker holds: its own and its children's (llama-server is a llama-server worker's child)."""
+    try:
+        total = proc.memory_info().rss
+    except psutil.NoSuchProcess:
+        return None
+    with contextlib.suppress(psutil.Error):
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+    return int(total)
 
 
 def tail(path: str | Path, n: int = 5) -> list[str]:
@@ -183,10 +204,8 @@ def describe(record: WorkerRecord, probe: bool = True) -> dict[str, Any]:
         return out
     proc = worker_process(record)
     out["worker_pid"] = proc.pid if proc else None
-    try:
-        out["rss_bytes"] = proc.memory_info().rss if proc else None
-    except psutil.NoSuchProcess:
-        out["rss_bytes"] = None
+    top = _first_child(_alive(record))
+    out["rss_bytes"] = _rss(top) if top else None
     if probe:
         state, body = probe_health(record.url, record.engine)
         out["state"] = state
@@ -236,20 +255,6 @@ def _worker_id(backend: str, gpu: int, taken: set[str]) -> str:
     return f"{base}-{n}"
 
 
-def find_llama_server(explicit: str | None) -> str:
-    """The llama-server binary: --llama-server, the pool's config, $RBEE_LLAMA_SERVER, or PATH."""
-    for candidate in (explicit, os.environ.get("RBEE_LLAMA_SERVER"), shutil.which("llama-server")):
-        if candidate:
-            path = Path(candidate).expanduser()
-            if path.is_file() and os.access(path, os.X_OK):
-                return str(path)
-            raise RbeeError(f"llama-server not found at {path}")
-    raise RbeeError(
-        "llama-server is not installed on this pool",
-        "build it with scripts/build-llama-cpp.sh and set llama_server in the pool's config",
-    )
-
-
 def check_spawnable(entry: ModelEntry, backend: str, gpu: int, pool_backends: list[str], gpu_count: int) -> None:
     """Refuse, with the seeds' messages, what cannot run."""
     if backend not in BACKENDS:
@@ -280,28 +285,13 @@ def _command(
     llama_server: str | None,
 ) -> list[str]:
     if engine == ENGINE_SERVER:
-        argv = [
-            find_llama_server(llama_server),
-            "-m",
-            entry.path,
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "-c",
-            str(n_ctx or min(int(entry.metadata.get("context_length") or 4096), 4096)),
-            "--parallel",
-            "1",
-            "-ngl",
-            "0" if backend == "cpu" else "999",
-        ]
-        if backend == "cuda":
-            argv += ["--main-gpu", str(gpu), "--split-mode", "none"]
-        return argv
-    argv = [
-        sys.executable,
-        "-m",
-        "rbee_tui.worker.launch",
+        # rbee-worker in front of llama-server: the same API, and llama-server lives and dies with it. Its own
+        # module rather than the launcher, so a warm agent never forks it (llama-server is its own binary).
+        argv = [sys.executable, "-m", "rbee_tui.worker.proxy", "--llama-server", find_llama_server(llama_server)]
+        n_ctx = n_ctx or min(int(entry.metadata.get("context_length") or 4096), 4096)
+    else:
+        argv = [sys.executable, "-m", "rbee_tui.worker.launch"]
+    argv += [
         "--model",
         entry.path,
         "--model-id",
@@ -334,8 +324,14 @@ def spawn(
     engine: str = ENGINE_EMBEDDED,
     n_ctx: int | None = None,
     llama_server: str | None = None,
+    kind: str = "worker",
+    server_args: tuple[str, ...] = (),
 ) -> WorkerRecord:
-    """Start a worker detached in its own process group and record it."""
+    """Start a worker detached in its own process group and record it.
+
+    `server_args` go to llama-server after the worker's own (later flags win there): a cluster coordinator's
+    --rpc, --tensor-split, -ngl, -c and --fit off.
+    """
     from rbee_tui.hive.status import available_backends, nvidia_gpus
 
     if engine not in ENGINES:
@@ -355,21 +351,22 @@ def spawn(
         exit_file = registry.dir / f"{wid}.exit"
         exit_file.unlink(missing_ok=True)
         argv = _command(wid, entry, backend, gpu, host, chosen_port, engine, n_ctx, llama_server)
-        if engine == ENGINE_EMBEDDED:
-            argv += ["--fd", str(sock.fileno())]
-        else:
-            sock.close()  # llama-server binds by itself: the port is free again for it (a short window)
+        argv += ["--fd", str(sock.fileno())]
         full = [sys.executable, "-m", "rbee_tui.hive.supervise", str(exit_file), "--", *argv]
         env = os.environ.copy()
         env["PYTHONUNBUFFERED"] = "1"
+        if server_args:
+            import shlex
+
+            env["RBEE_LLAMA_SERVER_ARGS"] = shlex.join(server_args)  # read by worker/upstream.py
         if backend == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not grab GPU memory
         forked = warm.can_fork(argv, backend)
-        with open(log_path, "ab") as log_fh:
+        with open(log_path, "wb") as log_fh:  # a new worker reusing an id starts a new log
             how = "spawn (forked warm)" if forked else "spawn"
             log_fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {how}: {' '.join(argv)}\n".encode())
             log_fh.flush()
-            keep = sock.fileno() if engine == ENGINE_EMBEDDED else None
+            keep = sock.fileno()
             if forked:
                 pid = warm.fork_worker(argv, str(exit_file), log_fh.fileno(), env)
             else:
@@ -379,7 +376,7 @@ def spawn(
                     stdout=log_fh,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    pass_fds=(keep,) if keep is not None else (),
+                    pass_fds=(keep,),
                     env=env,
                 ).pid
         sock.close()  # the worker holds it now
@@ -398,6 +395,7 @@ def spawn(
             log=str(log_path),
             exit_file=str(exit_file),
             argv=tuple(argv),
+            kind=kind,
         )
         registry.write([*records, record])
     return record

@@ -39,13 +39,34 @@ COLUMNS = (
     "peak_vram",
     "peak_temp_c",
     "build_commit",
+    "net_load_bytes",
+    "net_prefill_bytes",
+    "net_decode_bytes",
+    "needed_bytes",
+    "free_bytes",
+    "nodes",
     "test_time",
+)
+NODE_COLUMNS = (
+    "pool",
+    "layers",
+    "share",
+    "planned_bytes",
+    "peak_ram_used",
+    "link",
+    "net_load_bytes",
+    "net_prefill_bytes",
+    "net_decode_bytes",
 )
 FORMATS = ("md", "csv", "json", "html")
 METHOD = (
     "download the model if needed, spawn a worker, wait for /health ready, run the prompt "
     '"Hello, how are you?" twice with the same seed, pass if tokens were generated with no error and both '
-    "runs gave the same text, then stop the worker"
+    "runs gave the same text, then stop the worker. A cluster cell (rpc@head+nodes) plans the model over its "
+    "pools (spread), starts an rpc-server on each and the coordinator on the head, runs the same test through "
+    "it and stops everything; its nodes' memory is the peak RAM used their pools' samples saw during the cell, "
+    "and its network bytes are counted by this machine's relay of each SSH-relayed node's RPC link (both "
+    "directions), during load, prefill (up to the first token) and decode"
 )
 
 
@@ -66,6 +87,17 @@ def rows(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row.update({k: m.get(k) for k in COLUMNS if k not in row})
         out.append(row)
     return out
+
+
+def _size(n: Any) -> str:
+    if n is None:
+        return "n/a"
+    return human_size(int(n)) if n else "0 B"
+
+
+def _layers(node: dict[str, Any]) -> str:
+    first, last = node["layers"]
+    return f"{first}-{last}"
 
 
 def _columns(jobs: list[dict[str, Any]]) -> list[str]:
@@ -144,6 +176,30 @@ def markdown(run: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
                 f"| {r['model']} | {r['pool']} | {r['backend']} | {human_size(r['peak_rss'] or 0)} | "
                 f"{human_size(r['peak_vram']) if r['peak_vram'] else 'n/a'} | {temp} |"
             )
+    clusters = [r for r in rows(jobs) if r["backend"] == "rpc" and (r["status"] == "passed" or r["needed_bytes"])]
+    if clusters:
+        lines += [
+            "",
+            "## Clusters",
+            "",
+            "| model | cluster | status | node | layers | share | planned | peak RAM used | link | net load "
+            "| net prefill | net decode |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in clusters:
+            if r["status"] != "passed":
+                lines.append(
+                    f"| {r['model']} | {r['pool']} | {r['status']} | needs {_size(r['needed_bytes'])}, "
+                    f"{_size(r['free_bytes'])} free | | | | | | | | |"
+                )
+                continue
+            for n in r["nodes"] or []:
+                lines.append(
+                    f"| {r['model']} | {r['pool']} | {r['status']} | {n['pool']} | {_layers(n)} | "
+                    f"{100 * n['share']:.0f}% | {_size(n['planned_bytes'])} | {_size(n['peak_ram_used'])} | "
+                    f"{n['link']} | {_size(n['net_load_bytes'])} | {_size(n['net_prefill_bytes'])} | "
+                    f"{_size(n['net_decode_bytes'])} |"
+                )
     failures = [r for r in rows(jobs) if r["status"] not in ("passed",) and r["reason"]]
     if failures:
         lines += ["", "## Not passed", ""]
@@ -159,7 +215,8 @@ def to_csv(jobs: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows(jobs))
+    # A cluster's nodes go in one cell, as JSON: one row per job whatever the cluster's size.
+    writer.writerows({**r, "nodes": json.dumps(r["nodes"]) if r["nodes"] else ""} for r in rows(jobs))
     return buf.getvalue()
 
 
@@ -188,11 +245,26 @@ def to_html(run: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
                 f"{html.escape(text)}</td>"
             )
         body.append(f"<tr><th>{html.escape(model)}</th>{''.join(cells)}</tr>")
-    detail_head = "".join(f"<th>{c}</th>" for c in COLUMNS)
+    flat = [c for c in COLUMNS if c != "nodes"]
+    detail_head = "".join(f"<th>{c}</th>" for c in flat)
     detail = "".join(
-        "<tr>" + "".join(f"<td>{html.escape('' if r[c] is None else str(r[c]))}</td>" for c in COLUMNS) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape('' if r[c] is None else str(r[c]))}</td>" for c in flat) + "</tr>"
         for r in rows(jobs)
     )
+    node_rows = [
+        "<tr>"
+        + f"<td>{html.escape(r['model'])}</td><td>{html.escape(r['pool'])}</td>"
+        + "".join(f"<td>{html.escape('' if n.get(c) is None else str(n[c]))}</td>" for c in NODE_COLUMNS)
+        + "</tr>"
+        for r in rows(jobs)
+        if r["nodes"]
+        for n in r["nodes"]
+    ]
+    if node_rows:
+        node_head = "".join(f"<th>{c}</th>" for c in ("model", "cluster", *NODE_COLUMNS))
+        detail_nodes = f"<h2>Clusters</h2><table><tr>{node_head}</tr>{''.join(node_rows)}</table>"
+    else:
+        detail_nodes = ""
     style = (
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
         "td,th{border:1px solid #999;padding:4px 8px}.passed{background:#d4f4d4}.failed{background:#f8d0d0}"
@@ -204,7 +276,7 @@ def to_html(run: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
         f"<p>Run {run.get('id')} ({html.escape(str(run.get('state')))}), "
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(run.get('started_at', 0)))} UTC. {html.escape(METHOD)}.</p>"
         f"<table><tr><th>model</th>{head}</tr>{''.join(body)}</table>"
-        f"<table><tr>{detail_head}</tr>{detail}</table></body></html>\n"
+        f"<table><tr>{detail_head}</tr>{detail}</table>{detail_nodes}</body></html>\n"
     )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MEMORY_MARGIN = 1.2  # a model needs its file size plus room for the KV cache and the runtime
+CLUSTER_BACKEND = "rpc"  # a cluster column: llama.cpp RPC over a set of pools, the first one the head
 
 
 @dataclass(frozen=True)
@@ -28,18 +29,59 @@ class Cell:
         """The job board's column: backend@pool."""
         return f"{self.backend}@{self.pool}"
 
+    @property
+    def initial_state(self) -> str:
+        """The state a job of this cell starts in: queued, or why it will not run (named the same everywhere)."""
+        if not self.skip:
+            return "queued"
+        return "pool lost" if self.skip.startswith("pool lost") else "skipped"
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The pools this cell uses: its pool, or a cluster's pools (head first)."""
+        return tuple(self.pool.split("+")) if self.backend == CLUSTER_BACKEND else (self.pool,)
+
+    @property
+    def is_cluster(self) -> bool:
+        """Whether the cell is a model split over pools (`rpc@a+b+c`)."""
+        return self.backend == CLUSTER_BACKEND
+
+
+def cluster_cells(models: list[str], clusters: list[tuple[str, ...]], pools: dict[str, dict[str, Any]]) -> list[Cell]:
+    """A cell per model and cluster (`rpc@head+node+...`): skipped when a member pool is lost or the head lacks
+    the model; whether the model fits the nodes is the cluster planner's to say when the cell runs."""
+    cells: list[Cell] = []
+    for members in clusters:
+        head = members[0]
+        name = "+".join(members)
+        catalog = {m["id"]: m for m in (pools.get(head, {}).get("catalog") or {}).get("models", [])}
+        lost = [p for p in members if p not in pools or pools[p].get("lost")]
+        for model in models:
+            skip = ""
+            if lost:
+                why = pools.get(lost[0], {}).get("lost") or "not connected"
+                skip = f"pool lost: {lost[0]}: {why}"
+            elif model not in catalog:
+                skip = f"{model} not registered on the head {head}"
+            cells.append(Cell(model, name, CLUSTER_BACKEND, 0, skip))
+    return cells
+
 
 def plan(
     models: list[str],
     pools: dict[str, dict[str, Any]],
+    clusters: list[tuple[str, ...]] | None = None,
 ) -> list[Cell]:
-    """Cells for every model on every pool and backend.
+    """Cells for every model on every pool and backend, then on every cluster.
 
     `pools` maps a pool name to {"backends": configured backends, "status": rbee-hive status or {},
-    "catalog": its catalog or {}, "lost": reason or ""}.
+    "catalog": its catalog or {}, "lost": reason or "", "plain": False for a pool connected only for a
+    cluster}.
     """
     cells: list[Cell] = []
     for pool, info in pools.items():
+        if not info.get("plain", True):
+            continue
         status = info.get("status") or {}
         available = set(status.get("backends", info["backends"]))
         catalog = {m["id"]: m for m in (info.get("catalog") or {}).get("models", [])}
@@ -66,4 +108,4 @@ def plan(
                     if free and need > free:
                         skip = f"{model} needs {need / 1e9:.1f} GB, {pool} has {free / 1e9:.1f} GB free"
                 cells.append(Cell(model, pool, backend, gpu, skip))
-    return cells
+    return cells + cluster_cells(models, clusters or [], pools)

@@ -29,6 +29,7 @@ from rbee_tui.pools.transport import (
     hive_argv,
     make_transport,
 )
+from rbee_tui.sample import Sample
 
 CONNECTING, CONNECTED, LOST, RECONNECTING = "connecting", "connected", "lost", "reconnecting"
 HISTORY = 1200  # 20 minutes at one sample a second
@@ -38,13 +39,33 @@ class PoolUnreachable(RbeeError):
     """The pool could not be reached (not connected, or the connection broke during the call)."""
 
 
-@dataclass
-class PoolEvent:
-    """Something changed in a pool: its `state`, a `sample`, its `workers`."""
+@dataclass(frozen=True)
+class StateChanged:
+    """The pool connected, was lost or is reconnecting; `error` is the typed failure behind a lost pool."""
 
     pool: str
-    kind: str
-    data: Any = None
+    state: str
+    reason: str
+    error: RbeeError | None = None
+
+
+@dataclass(frozen=True)
+class SampleReceived:
+    """A metrics sample came in from the pool."""
+
+    pool: str
+    sample: Sample
+
+
+@dataclass(frozen=True)
+class WorkersListed:
+    """The pool's worker list was read (or one worker in it changed)."""
+
+    pool: str
+    workers: tuple[dict[str, Any], ...]
+
+
+PoolEvent = StateChanged | SampleReceived | WorkersListed
 
 
 @dataclass
@@ -54,11 +75,12 @@ class PoolView:
     name: str
     state: str = CONNECTING
     reason: str = ""
-    since: float = field(default_factory=time.time)
     status: dict[str, Any] = field(default_factory=dict)
-    last_sample: dict[str, Any] | None = None
-    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    last_sample: Sample | None = None
+    history: deque[Sample] = field(default_factory=lambda: deque(maxlen=HISTORY))
     workers: list[dict[str, Any]] = field(default_factory=list)
+    # The last failure as its typed error (HostKeyUnknown opens the trust dialog); None while connected.
+    error: RbeeError | None = None
 
 
 class PoolClient:
@@ -90,7 +112,6 @@ class PoolClient:
         self.tunnels: dict[str, tuple[int, int, Any]] = {}  # worker id -> (node port, local port, listener)
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
-        self.connects = 0
         self.version_note = ""
 
     # -- life ----------------------------------------------------------------------------------------------
@@ -125,20 +146,19 @@ class PoolClient:
         except TimeoutError:
             raise RbeeError(f"pool {self.pool.name} is {self.view.state}: {self.view.reason or 'no answer'}") from None
 
-    def _emit(self, kind: str, data: Any = None) -> None:
-        event = PoolEvent(self.pool.name, kind, data)
+    def _emit(self, event: PoolEvent) -> None:
         for listener in list(self.listeners):
             listener(event)
 
     def _set_state(self, state: str, reason: str = "") -> None:
         if (state, reason) == (self.view.state, self.view.reason):
             return
-        self.view.state, self.view.reason, self.view.since = state, reason, time.time()
+        self.view.state, self.view.reason = state, reason
         if state == CONNECTED:
             self._connected.set()
         else:
             self._connected.clear()
-        self._emit("state", (state, reason))
+        self._emit(StateChanged(self.pool.name, state, reason, getattr(self.view, "error", None)))
 
     async def _start_agent(self) -> None:
         """Start `rbee-hive serve` on the node; without it (an older agent) every call starts its own process."""
@@ -184,18 +204,20 @@ class PoolClient:
                 await self._handshake()
             except (TimeoutError, RbeeError, OSError) as exc:
                 await self._drop_transport()
-                reason = str(exc)
+                reason = str(exc) or type(exc).__name__
+                self.view.error = exc if isinstance(exc, RbeeError) else PoolUnreachable(reason)
                 self._set_state(LOST, reason)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 self._set_state(RECONNECTING, reason)
                 continue
             backoff = 1.0
-            self.connects += 1
+            self.view.error = None
             self._set_state(CONNECTED, self.version_note)
             await self._readopt()
             reason = await self._watch()
             await self._drop_transport()
+            self.view.error = PoolUnreachable(reason)
             self._set_state(LOST, reason)
             await asyncio.sleep(min(1.0, self.max_backoff))
             self._set_state(RECONNECTING, reason)
@@ -209,7 +231,6 @@ class PoolClient:
                 INSTALL_HINT,
             )
         self.view.status = await self._call("status", timeout=30)
-        self.view.status["agent_version_matches"] = version.get("agent_version") == __version__
         self.version_note = ""
         if version.get("agent_version") != __version__:
             # Same protocol, other release: it works, but say so, with the command that aligns them.
@@ -263,13 +284,13 @@ class PoolClient:
                     except TimeoutError:
                         return f"no metrics for {timeout:.0f}s"
                     try:
-                        sample = json.loads(line)
-                    except ValueError:
+                        sample = Sample.parse(json.loads(line))  # parsed once, here; frozen from now on
+                    except (ValueError, KeyError, TypeError, IndexError):
                         continue
                     failures = 0
                     self.view.last_sample = sample
                     self.view.history.append(sample)
-                    self._emit("sample", sample)
+                    self._emit(SampleReceived(self.pool.name, sample))
             finally:
                 await stream.close()
             failures += 1
@@ -322,6 +343,8 @@ class PoolClient:
         if rc != 0:
             if isinstance(last, dict) and "error" in last:
                 raise RbeeError(f"pool {self.pool.name}: {last['error']}", last.get("hint"))
+            if isinstance(last, dict) and last.get("problems"):  # e.g. `models verify`: what is wrong, not "exit 1"
+                raise RbeeError(f"pool {self.pool.name}: {'; '.join(map(str, last['problems']))}")
             tail = (err.strip().splitlines() or [f"exit {rc}"])[-1]
             raise RbeeError(f"pool {self.pool.name}: {tail}")
         return last
@@ -353,22 +376,18 @@ class PoolClient:
         """The node's workers, reconciled by the node."""
         doc = await self._call("worker", "list")
         self.view.workers = doc["workers"]
-        self._emit("workers", self.view.workers)
+        self._emit(WorkersListed(self.pool.name, tuple(self.view.workers)))
         return self.view.workers
 
-    async def wait_worker_ready(self, worker_id: str, timeout: float = 300) -> dict[str, Any]:
-        """Poll the node's reconciled worker list (it asks /health each time) until the worker is ready."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            w = next((x for x in await self.workers() if x["id"] == worker_id), None)
-            if w is None:
-                raise RbeeError(f"worker {worker_id} vanished")
-            if w["state"] in ("ready", "busy"):
-                return w
-            if w["state"] == "exited":
-                raise RbeeError(f"worker {worker_id} died while starting: {w.get('reason', '')}")
-            await asyncio.sleep(0.05)
-        raise RbeeError(f"worker {worker_id} was not ready after {timeout:.0f}s")
+    async def wait_worker(self, worker_id: str, timeout: float = 300) -> dict[str, Any]:
+        """Wait until the worker answers ready: `rbee-hive worker wait` blocks on the node, which asks only this
+        worker's /health, until it is ready (returned) or has died (raised, with its reason)."""
+        return await self.hive("worker", "wait", worker_id, "--timeout", str(timeout), timeout=timeout + 30)
+
+    def _note_worker(self, worker: dict[str, Any]) -> None:
+        """Put what the node said of one worker into the view, without reading every worker again."""
+        self.view.workers = [*(w for w in self.view.workers if w["id"] != worker["id"]), worker]
+        self._emit(WorkersListed(self.pool.name, tuple(self.view.workers)))
 
     async def worker_url(self, worker: dict[str, Any]) -> str:
         """A URL that reaches the worker from this machine: direct for the local pool, a tunnel for SSH pools."""
@@ -386,23 +405,48 @@ class PoolClient:
         self.tunnels[worker["id"]] = (int(worker["port"]), local, listener)
         return f"http://127.0.0.1:{local}"
 
-    async def spawn_worker(self, backend: str, model: str, *extra: str, timeout: float = 300) -> dict[str, Any]:
-        """Spawn a worker on the node and wait until it is ready."""
-        w = await self.hive(
-            "worker",
-            "spawn",
-            backend,
-            "--model",
-            model,
-            "--wait",
-            "--timeout",
-            str(timeout),
-            *extra,
-            timeout=timeout + 30,
-        )
-        w["client_url"] = await self.worker_url(w)
-        await self.workers()
-        return w
+    async def spawn_worker(
+        self,
+        backend: str,
+        model: str,
+        *extra: str,
+        gpu: int = 0,
+        timeout: float = 300,
+        on_spawned: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Spawn a worker and wait until it is ready; return it, with `client_url` (where it answers from here).
+
+        `on_spawned` hears of the worker as soon as the node has started it (it loads then). Cancelled at any
+        point, this stops what the node started: no worker is left running that nobody knows of.
+        """
+        args = ["worker", "spawn", backend, "--model", model, "--gpu", str(gpu), *extra]
+        call = asyncio.ensure_future(self.hive(*args))
+        try:
+            # Shielded: a cancelled spawn still gets the node's answer, which names the worker to stop.
+            w = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.stop_worker((await call)["id"]))
+            raise
+        try:
+            self._note_worker(w)  # listed at once, loading
+            if on_spawned is not None:
+                on_spawned(w)
+            try:
+                ready = await self.wait_worker(w["id"], timeout)
+            except PoolUnreachable:
+                raise
+            except RbeeError:
+                with contextlib.suppress(RbeeError):
+                    await self.workers()  # the list shows how it ended
+                raise
+            self._note_worker(ready)
+            ready["client_url"] = await self.worker_url(ready)
+            return ready
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.stop_worker(w["id"]))
+            raise
 
     async def stop_worker(self, worker_id: str) -> dict[str, Any]:
         """Stop a worker on the node and close its tunnel."""

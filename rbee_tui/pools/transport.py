@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee_tui import __version__
-from rbee_tui.config import PoolConfig
+from rbee_tui.config import PoolConfig, default_models_dir
 from rbee_tui.errors import RbeeError
 from rbee_tui.names import check_host, check_id, check_user
 
@@ -27,9 +27,15 @@ INSTALL_HINT = (
 
 
 def hive_args(pool: PoolConfig, *args: str, json_output: bool = True) -> list[str]:
-    """The arguments of an `rbee-hive` call for `pool` (after the command itself): identity, models dir, ARGS."""
+    """The arguments of an `rbee-hive` call for `pool` (after the command itself): identity, models dir, ARGS.
+
+    `--models-dir` goes only where the pool's entry names one: an SSH node otherwise uses its own user's default
+    (this machine's path would mean nothing there). The local pool's node is this machine, so its default is
+    resolved here rather than by whichever config file the child would find.
+    """
     check_id(pool.name, "pool name")
-    argv = ["--pool-id", pool.name, "--models-dir", pool.models_dir, *args]
+    models_dir = pool.models_dir or (default_models_dir() if pool.transport == "local" else None)
+    argv = ["--pool-id", pool.name, *(["--models-dir", models_dir] if models_dir else []), *args]
     return [*argv, "--json"] if json_output and "--json" not in args else argv
 
 
@@ -133,7 +139,12 @@ class LocalTransport:
         return Stream(lines(), terminate, send if stdin else None)
 
     async def forward(self, port: int) -> tuple[int, Any]:
+        """The node is this machine: its port is reached as it is."""
         return port, None
+
+    async def reverse(self, local_port: int) -> tuple[int, Any]:
+        """The node is this machine: this machine's port is reached as it is."""
+        return local_port, None
 
     async def close(self) -> None:
         """Nothing to close."""
@@ -154,6 +165,7 @@ class SSHTransport:
         self.conn: Any = None
         # OpenSSH allows 10 sessions per connection by default: stay under it, whatever the callers do.
         self.sessions = asyncio.Semaphore(max_sessions)
+        self._session_opened = False  # whether a session ran on this connection (see forward)
 
     @staticmethod
     def check(pool: PoolConfig) -> None:
@@ -190,6 +202,7 @@ class SSHTransport:
         where = f"{self.pool.host}:{self.pool.port}"
         try:
             self.conn = await asyncssh.connect(self.pool.host, **self._options())
+            self._session_opened = False
         except asyncssh.HostKeyNotVerifiable:
             raise await self._host_key_error() from None
         except asyncssh.PermissionDenied:
@@ -216,6 +229,7 @@ class SSHTransport:
         async with self.sessions:
             async with asyncio.timeout(timeout):
                 result = await self.conn.run(shlex.join(argv), check=False)
+        self._session_opened = True
         rc = result.exit_status if result.exit_status is not None else 255
         return rc, str(result.stdout or ""), str(result.stderr or "")
 
@@ -226,6 +240,7 @@ class SSHTransport:
         except BaseException:
             self.sessions.release()
             raise
+        self._session_opened = True
         released = False
 
         async def lines() -> AsyncIterator[str]:
@@ -248,9 +263,24 @@ class SSHTransport:
 
         return Stream(lines(), terminate, send if stdin else None)
 
+    async def _nodelay(self) -> None:
+        if not self._session_opened:
+            # sshd turns Nagle off on the connection only when a session starts: a forward on a connection that
+            # never ran a command holds every small write for the peer's delayed ACK (~40 ms per round trip;
+            # llama.cpp RPC decoded at 0.08x of a direct link that way, docs/cluster.md).
+            await self.run(["true"], 15)
+
     async def forward(self, port: int) -> tuple[int, Any]:
         """A local port that reaches the node's 127.0.0.1:`port` through this connection."""
+        await self._nodelay()
         listener = await self.conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", port)
+        return listener.get_port(), listener
+
+    async def reverse(self, local_port: int) -> tuple[int, Any]:
+        """A port on the node's 127.0.0.1 that reaches this machine's 127.0.0.1:`local_port` through this connection
+        (a remote forward: nothing listens beyond the node's loopback, and no port is opened on this machine)."""
+        await self._nodelay()
+        listener = await self.conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", local_port)
         return listener.get_port(), listener
 
     async def close(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rbee_tui.units import duration as duration  # one formatter for the CLIs and the screens
+
 GIB = 1024**3
 
 
@@ -18,18 +20,6 @@ def rate(bps: float | None) -> str:
         if bps >= scale:
             return f"{bps / scale:.1f} {unit}"
     return f"{bps:.0f} B/s"
-
-
-def duration(seconds: float | None) -> str:
-    """Seconds as `1h02m`, `3m05s`, `12s`."""
-    if seconds is None:
-        return "?"
-    s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 def level(percent: float | None, warn: float, crit: float) -> str:

@@ -1,7 +1,9 @@
-"""Talking to a worker of either engine (rbee-worker or llama.cpp's llama-server) with one vocabulary.
+"""Talking to a worker of either engine (llama-cpp-python embedded, or llama.cpp's llama-server) with one vocabulary.
 
-Health answers become loading/ready/busy; a generation becomes token events and one summary with the same
-numbers (`tokens_generated`, `prompt_tokens`, `ttft_ms`, `tokens_per_sec`, `finish_reason`).
+Both engines serve the same API: rbee-worker answers in front of llama-server too (worker/proxy.py). A bare
+llama-server, which rbee-hive ran before that, still answers here in its own dialect: health answers become
+loading/ready/busy, and a generation becomes token events and one summary with the same numbers
+(`tokens_generated`, `prompt_tokens`, `ttft_ms`, `tokens_per_sec`, `finish_reason`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ ENGINES = (ENGINE_EMBEDDED, ENGINE_SERVER)
 
 def classify_health(engine: str, status: int, body: Any) -> str:
     """loading, ready, busy or failed, from a /health answer of either engine."""
-    if engine == ENGINE_SERVER:
+    if isinstance(body, dict) and body.get("status") in ("loading", "ready", "busy", "failed"):
+        return str(body["status"])
+    if engine == ENGINE_SERVER:  # a bare llama-server
         if status == 200:
             return "ready"
         message = ""
@@ -31,8 +35,6 @@ def classify_health(engine: str, status: int, body: Any) -> str:
         if status == 503 and "slot" in message:
             return "busy"
         return "loading" if status == 503 else "failed"
-    if isinstance(body, dict) and body.get("status") in ("loading", "ready", "busy", "failed"):
-        return str(body["status"])
     return "ready" if status == 200 else "loading" if status == 503 else "failed"
 
 
@@ -81,56 +83,62 @@ async def _sse_lines(resp: Any) -> AsyncIterator[tuple[str | None, str]]:
             yield event, line[5:].strip()
 
 
+async def _raise_for(resp: Any) -> None:
+    if resp.status != 200:
+        text = await resp.text()
+        try:
+            message = json.loads(text).get("error", text)
+        except (ValueError, AttributeError):
+            message = text
+        if isinstance(message, dict):
+            message = message.get("message", str(message))
+        raise RuntimeError(f"worker answered {resp.status}: {message}")
+
+
 async def execute(session: Any, base_url: str, engine: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """Run one generation; yields `{"event": "token", "t": text}` per token, then `{"event": "done", ...summary}`.
 
     Raises RuntimeError with the worker's message on an error answer or an error event.
     """
     started = time.perf_counter()
-    if engine == ENGINE_SERVER:
-        payload = {
-            "prompt": body["prompt"],
-            "n_predict": body.get("max_tokens", 100),
-            "temperature": body.get("temperature", 0.0),
-            "stream": True,
-            "cache_prompt": False,
-        }
-        if body.get("seed") is not None:
-            payload["seed"] = body["seed"]
-        url = f"{base_url}/completion"
-    else:
-        payload, url = body, f"{base_url}/execute"
-    async with session.post(url, json=payload) as resp:
-        if resp.status != 200:
-            text = await resp.text()
-            try:
-                message = json.loads(text).get("error", text)
-            except ValueError:
-                message = text
-            if isinstance(message, dict):
-                message = message.get("message", str(message))
-            raise RuntimeError(f"worker answered {resp.status}: {message}")
+    async with session.post(f"{base_url}/execute", json=body) as resp:
+        if not (resp.status == 404 and engine == ENGINE_SERVER):
+            await _raise_for(resp)
+            async for event, data in _sse_lines(resp):
+                doc = json.loads(data)
+                if event == "token":
+                    yield {"event": "token", "t": doc["t"], "id": doc.get("id")}
+                elif event == "done":
+                    yield {"event": "done", **doc}
+                    return
+                elif event == "error":
+                    raise RuntimeError(doc.get("error", "generation failed"))
+            raise RuntimeError("the worker closed the stream before the summary")
+    # A bare llama-server (a worker spawned by an older rbee-hive): its own /completion route.
+    payload = {
+        "prompt": body["prompt"],
+        "n_predict": body.get("max_tokens", 100),
+        "temperature": body.get("temperature", 0.0),
+        "stream": True,
+        "cache_prompt": False,
+    }
+    if body.get("seed") is not None:
+        payload["seed"] = body["seed"]
+    async with session.post(f"{base_url}/completion", json=payload) as resp:
+        await _raise_for(resp)
         first: float | None = None
         pieces: list[str] = []
-        async for event, data in _sse_lines(resp):
+        async for _event, data in _sse_lines(resp):
             doc = json.loads(data)
-            if engine == ENGINE_SERVER:
-                if "error" in doc:
-                    raise RuntimeError(str(doc["error"]))
-                if doc.get("content"):
-                    if first is None:
-                        first = time.perf_counter()
-                    pieces.append(doc["content"])
-                    yield {"event": "token", "t": doc["content"]}
-                if doc.get("stop"):
-                    ttft = ((first or time.perf_counter()) - started) * 1000.0
-                    yield {"event": "done", **_summary_from_llama_server(doc, ttft, "".join(pieces))}
-                    return
-            elif event == "token":
-                yield {"event": "token", "t": doc["t"], "id": doc.get("id")}
-            elif event == "done":
-                yield {"event": "done", **doc}
+            if "error" in doc:
+                raise RuntimeError(str(doc["error"]))
+            if doc.get("content"):
+                if first is None:
+                    first = time.perf_counter()
+                pieces.append(doc["content"])
+                yield {"event": "token", "t": doc["content"]}
+            if doc.get("stop"):
+                ttft = ((first or time.perf_counter()) - started) * 1000.0
+                yield {"event": "done", **_summary_from_llama_server(doc, ttft, "".join(pieces))}
                 return
-            elif event == "error":
-                raise RuntimeError(doc.get("error", "generation failed"))
     raise RuntimeError("the worker closed the stream before the summary")

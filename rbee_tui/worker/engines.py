@@ -42,6 +42,14 @@ class Request:
     top_k: int = 40
     top_p: float = 0.95
     stop: tuple[str, ...] = ()
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    grammar: str | None = None  # GBNF text; its rule `root` constrains every sampled token
+    # With a trigger the grammar is lazy, as llama.cpp's are: sampling is free until the text shows the trigger,
+    # and the grammar constrains what follows it.
+    grammar_trigger: str | None = None
 
 
 _LLAMA_ERRORS: list[str] = []
@@ -132,6 +140,24 @@ class LlamaCppEngine:
         """The model's own chat template, if it has one."""
         return self.llm.metadata.get("tokenizer.chat_template")
 
+    def special_tokens(self) -> tuple[str, str]:
+        """The text of the model's BOS and EOS tokens, as chat templates name them."""
+        model = self.llm._model
+        bos, eos = self.llm.token_bos(), self.llm.token_eos()
+        return (model.token_get_text(bos) if bos != -1 else "", model.token_get_text(eos) if eos != -1 else "")
+
+    def grammar_error(self, grammar: str) -> str | None:
+        """Why llama.cpp cannot parse a GBNF grammar for this vocabulary, or None when it can."""
+        import llama_cpp
+
+        _LLAMA_ERRORS.clear()
+        sampler = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, grammar.encode("utf-8"), b"root")
+        if sampler:
+            llama_cpp.llama_sampler_free(sampler)
+            return None
+        # A grammar llama.cpp cannot parse gives a NULL sampler; adding that to a chain would crash the worker.
+        return _LLAMA_ERRORS[-1] if _LLAMA_ERRORS else "llama.cpp could not parse it"
+
     def tokenize(self, text: str) -> list[int]:
         """Tokens of a prompt, with the model's BOS."""
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
@@ -157,6 +183,14 @@ class LlamaCppEngine:
         def is_end(tok: int) -> bool:
             return bool(llama_cpp.llama_vocab_is_eog(vocab, tok))
 
+        grammar = None
+        if req.grammar is not None:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            grammar = LlamaGrammar.from_string(req.grammar, verbose=False)
+        # Stop strings and the trigger are matched on the text's tail, long enough for the longest plus a token.
+        window = max((len(s) for s in (*req.stop, req.grammar_trigger or "")), default=0) + 32
+        recent = ""
         room = self.n_ctx - len(tokens)
         limit = min(req.max_tokens, room)
         pieces: list[str] = []
@@ -164,11 +198,25 @@ class LlamaCppEngine:
         finish = "length"
         started = time.perf_counter()
         first = last = started
-        gen = llm.generate(
-            tokens, top_k=req.top_k, top_p=req.top_p, temp=req.temperature, reset=False, repeat_penalty=1.0
-        )
+        lazy = req.grammar_trigger is not None
+
+        def start(reset: bool, constrained: bool) -> Any:
+            return llm.generate(
+                list(tokens),
+                top_k=req.top_k,
+                top_p=req.top_p,
+                min_p=req.min_p,
+                temp=req.temperature,
+                reset=reset,
+                repeat_penalty=req.repeat_penalty,
+                frequency_penalty=req.frequency_penalty,
+                presence_penalty=req.presence_penalty,
+                grammar=grammar if constrained else None,
+            )
+
+        gen = start(False, not lazy)
         try:
-            for tok in gen:
+            while (tok := next(gen, None)) is not None:
                 now = time.perf_counter()
                 if n == 0:
                     first = now
@@ -181,7 +229,8 @@ class LlamaCppEngine:
                 last = now
                 pieces.append(text)
                 on_token(text, tok)
-                if req.stop and any(s in "".join(pieces[-8:]) for s in req.stop):
+                recent = (recent + text)[-window:]
+                if req.stop and any(s in recent for s in req.stop):
                     finish = "stop"
                     break
                 if cancel.is_set():
@@ -189,6 +238,12 @@ class LlamaCppEngine:
                     break
                 if n >= limit:
                     break
+                if lazy and recent.endswith(req.grammar_trigger or ""):
+                    # The trigger is out: go on from here with the grammar. The binding keeps the evaluated
+                    # tokens, so only the last one is evaluated again.
+                    lazy = False
+                    gen.close()
+                    gen = start(True, True)
         finally:
             gen.close()
         tail = decoder.decode(b"", final=True)

@@ -11,7 +11,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Import llama_cpp, then run the worker server."""
+    """Import llama_cpp, then run the worker server (a llama-server worker needs no llama_cpp)."""
+    if _engine(sys.argv[1:] if argv is None else argv) == "llama-server":
+        from rbee_tui.worker.proxy import main as serve_proxy
+
+        return serve_proxy(argv)
     try:
         import llama_cpp  # noqa: F401
     except Exception as exc:  # one line, no traceback: rbee-hive shows it as the reason
@@ -20,6 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     from rbee_tui.worker.server import main as serve
 
     return serve(argv)
+
+
+def _engine(args: list[str]) -> str:
+    """The --engine an argument list asks for (the full parse comes later)."""
+    for i, arg in enumerate(args):
+        if arg == "--engine" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--engine="):
+            return arg.split("=", 1)[1]
+    return "llama-cpp-python"
 
 
 if __name__ == "__main__":

@@ -194,6 +194,19 @@ def test_split_model_downloads_as_a_set(hub: HubServer, hive, models_dir: Path, 
         assert (models_dir / "big" / f"big-{i:05d}-of-00003.gguf").exists()
 
 
+def test_a_truncated_later_part_fails_the_whole_set(hub: HubServer, hive, models_dir: Path, medium_gguf: Path) -> None:
+    data = medium_gguf.read_bytes()
+    for i, part in enumerate([data, data[: len(data) // 2], data], 1):  # the hub holds a cut second part
+        hub.add(REPO, f"cut-{i:05d}-of-00003.gguf", data=part)
+    hive("models", "register", "cut", "--repo", REPO, "--file", "cut-00001-of-00003.gguf", check=True)
+    proc = hive("models", "download", "cut", "--json")
+    assert proc.returncode == 1
+    assert "cut-00002-of-00003.gguf.part is truncated or malformed" in proc.stderr
+    assert catalog_entry(models_dir, "cut")["downloaded"] is False
+    assert not any((models_dir / "cut").glob("cut-*.gguf"))  # nothing moved into place
+    assert not (models_dir / "cut" / ".partial" / "cut-00002-of-00003.gguf.part").exists()  # the bad part is gone
+
+
 def test_verify_notices_a_damaged_file(served: HubServer, hive, models_dir: Path) -> None:
     hive("models", "download", "medium", check=True)
     assert hive("models", "verify", "medium").returncode == 0

@@ -1,10 +1,12 @@
-"""The llama-server engine: same spawn/list/stop, same summary numbers, same greedy tokens as rbee-worker."""
+"""The llama-server engine: same spawn/list/stop, same /execute summary numbers, same greedy tokens as the
+embedded engine (tests/e2e/test_proxy.py covers its processes, test_openai_clients.py its OpenAI API)."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -30,6 +32,10 @@ needs_binary = pytest.mark.skipif(
 
 
 def test_health_answers_are_classified() -> None:
+    # A llama-server worker answers as the embedded one does (rbee-worker in front of llama-server).
+    assert classify_health("llama-server", 200, {"status": "busy", "queue": 1}) == "busy"
+    assert classify_health("llama-server", 503, {"status": "loading"}) == "loading"
+    # A bare llama-server (spawned by an older rbee-hive) in its own words.
     assert classify_health("llama-server", 200, {"status": "ok"}) == "ready"
     assert classify_health("llama-server", 503, {"error": {"code": 503, "message": "Loading model"}}) == "loading"
     assert classify_health("llama-server", 503, {"error": {"message": "no slot available"}}) == "busy"
@@ -82,3 +88,26 @@ def test_missing_binary_is_a_clear_error(hive, tmp_path: Path) -> None:
         str(tmp_path / "nope"),
     )
     assert proc.returncode == 1 and "llama-server not found" in proc.stderr
+
+
+@needs_binary
+async def test_a_bare_llama_server_still_answers(tmp_path: Path) -> None:
+    # A worker spawned by an older rbee-hive is llama-server alone: /execute falls back to its /completion.
+    from tests.conftest import REPO_ROOT, wait_for
+    from tests.e2e.test_worker_api import free_port, http  # here: that module imports this one
+
+    port = free_port()
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(LLAMA_SERVER), "-m", str(REPO_ROOT / "fixtures" / "tiny-test.gguf"), "--port", str(port), "-c", "512"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: proc.poll() is not None or http("GET", f"{url}/health")[0] == 200, timeout=60)
+        tokens, summary = await _greedy(url, "llama-server")
+        assert summary["tokens_generated"] == 12 and summary["text"] == "".join(tokens)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -16,10 +16,10 @@ import tomli_w
 
 from rbee_tui.config import Config, PoolConfig
 from rbee_tui.matrix import export
-from rbee_tui.matrix.headless import gather_plan
 from rbee_tui.matrix.plan import Cell
 from rbee_tui.matrix.scheduler import MatrixRunner
 from rbee_tui.matrix.store import Store
+from rbee_tui.matrix.survey import gather_plan
 from rbee_tui.pools.client import PoolClient
 from rbee_tui.tinymodel import TinySpec, write_model
 from tests.support.hub import HubServer
@@ -82,7 +82,12 @@ def lab(tmp_path: Path, generated: dict[str, Path], hive) -> Iterator[tuple[Site
 
 def matrix_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`rbee-tui --config CFG matrix run ARGS` as a script would call it."""
-    cmd = [sys.executable, "-m", "rbee_tui.cli", "--config", str(cfg), "matrix", "run", *args]
+    return tui_cli(cfg, "matrix", "run", *args)
+
+
+def tui_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`rbee-tui --config CFG ARGS` as a script would call it."""
+    cmd = [sys.executable, "-m", "rbee_tui.cli", "--config", str(cfg), *args]
     try:
         # Under the suite's own timeout, so that a stuck run shows how far it got.
         return subprocess.run(cmd, capture_output=True, text=True, timeout=200)
@@ -249,15 +254,25 @@ async def test_cancel_stops_every_worker(lab, tmp_path: Path) -> None:
         await asyncio.gather(*(c.close() for c in clients.values()))
 
 
+CRASHING_WRITER = """
+import os, sys
+from rbee_tui.matrix.plan import Cell
+from rbee_tui.matrix.store import Store
+store = Store(sys.argv[1])
+run_id = store.new_run({"models": ["a", "b"]})
+store.set_state(store.add_job(run_id, Cell("a", "local", "cpu")), "passed", avg_ts=42.0)
+store.set_state(store.add_job(run_id, Cell("b", "local", "cpu")), "running")
+print(run_id, flush=True)
+if sys.argv[2] == "die":
+    os._exit(9)  # the process dies here: no finish_run
+sys.stdin.read()  # a live run: waits until the test lets it go
+"""
+
+
 def test_a_crash_keeps_finished_cells(tmp_path: Path) -> None:
     db = tmp_path / "r.db"
-    store = Store(db)
-    run_id = store.new_run({"models": ["a", "b"]})
-    done = store.add_job(run_id, Cell("a", "local", "cpu"))
-    store.set_state(done, "passed", avg_ts=42.0)
-    going = store.add_job(run_id, Cell("b", "local", "cpu"))
-    store.set_state(going, "running")
-    store.db.close()  # the process dies here: no finish_run
+    proc = subprocess.run([sys.executable, "-c", CRASHING_WRITER, str(db), "die"], capture_output=True, text=True)
+    run_id = int(proc.stdout.split()[0])
     again = Store(db)
     assert again.run(run_id)["state"] == "interrupted"
     jobs = {j["model"]: j for j in again.jobs(run_id)}
@@ -266,3 +281,109 @@ def test_a_crash_keeps_finished_cells(tmp_path: Path) -> None:
     next_run = again.new_run({})
     again.set_state(again.add_job(next_run, Cell("a", "local", "cpu")), "passed", avg_ts=50.0)
     assert again.previous(next_run, "a@cpu@local")["avg_ts"] == 42.0
+
+
+def test_opening_the_store_leaves_another_process_s_live_run_alone(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_WRITER, str(db), "live"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run_id = int(proc.stdout.readline().split()[0])
+        beside = Store(db)  # a dashboard opening the same results.db while a headless run goes on
+        assert beside.run(run_id)["state"] == "running"
+        assert {j["model"]: j["state"] for j in beside.jobs(run_id)} == {"a": "passed", "b": "running"}
+        beside.close()
+    finally:
+        proc.communicate("", timeout=30)
+    assert Store(db).run(run_id)["state"] == "interrupted"  # it ended without finishing its run
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def test_headless_lost_pool_cells_and_the_config_matrix(tmp_path: Path, models_dir: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    gone = {"name": "gone", "transport": "ssh", "host": "127.0.0.1", "port": _closed_port()}
+    cfg.write_text(
+        tomli_w.dumps({"pools": [{"name": "local", "models_dir": str(models_dir)}, gone], "matrix": {"max_tokens": 4}})
+    )
+    out, db = tmp_path / "exports" / "today", tmp_path / "r.db"
+    proc = matrix_cli(cfg, "--out", str(out), "--db", str(db))
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # nothing failed; the lost pool is said, not failed
+    assert f"created {out}" in proc.stdout and (out / "MODEL_SUPPORT.md").exists()
+    [lost] = [line for line in proc.stdout.splitlines() if "tiny-test@cpu@gone" in line]
+    assert "] pool lost  tiny-test@cpu@gone  pool lost: cannot connect" in lost
+    assert "Passed: 1  Failed: 0  Skipped: 0  Pool lost: 1  Cancelled: 0" in proc.stdout
+    store = Store(db)
+    run = store.runs()[0]
+    assert json.loads(run["settings"])["max_tokens"] == 4  # [matrix] max_tokens, with no --max-tokens
+    passed = next(j for j in store.jobs(run["id"]) if j["state"] == "passed")
+    assert passed["measurements"]["n_gen"] == 4
+    store.close()
+
+
+def test_headless_refuses_unknown_models_and_runs_that_test_nothing(tmp_path: Path, models_dir: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(tomli_w.dumps({"pools": [{"name": "local", "models_dir": str(models_dir)}]}))
+    typo = matrix_cli(cfg, "--models", "tiny-test,tiny-tset", "--out", str(tmp_path), "--db", str(tmp_path / "r.db"))
+    assert typo.returncode == 1 and typo.stdout.count("\n") <= 1, typo.stdout  # no cell ran
+    assert typo.stderr.startswith("rbee-tui: error: model(s) tiny-tset registered on no selected pool (checked local)")
+    assert typo.stderr.count("\n") == 1
+    # A pool that offers only a backend this machine lacks: every cell is skipped, and that is not a success.
+    cfg.write_text(tomli_w.dumps({"pools": [{"name": "local", "models_dir": str(models_dir), "backends": ["metal"]}]}))
+    none = matrix_cli(cfg, "--out", str(tmp_path), "--db", str(tmp_path / "r.db"))
+    assert none.returncode == 1, none.stdout + none.stderr
+    assert "Passed: 0  Failed: 0  Skipped: 1  Pool lost: 0  Cancelled: 0" in none.stdout
+    assert none.stderr == "rbee-tui: error: no cell was tested: 1 skipped, 0 on lost pools\n"
+
+
+def test_runs_lists_the_store_and_export_makes_its_directory(tmp_path: Path) -> None:
+    cfg, db = tmp_path / "config.toml", tmp_path / "r.db"
+    cfg.write_text("")
+    missing = tui_cli(cfg, "matrix", "runs", "--db", str(db))
+    assert missing.returncode == 1 and missing.stderr.startswith(f"rbee-tui: error: no results database at {db}")
+    assert not db.exists(), "a command that only looks must not create the database"
+    store = Store(db)
+    first = store.new_run({"models": ["a", "b"]})
+    measured = {"load_s": 0.5, "ttft_ms": 12.0, "pp_avg_ts": 300.0, "avg_ts": 90.0, "n_prompt": 6, "n_gen": 16}
+    store.set_state(store.add_job(first, Cell("a", "local", "cpu")), "passed", **measured)
+    store.set_state(store.add_job(first, Cell("b", "local", "cpu")), "failed", "could not load")
+    store.finish_run(first)
+    second = store.new_run({"models": ["a"]})
+    store.set_state(store.add_job(second, Cell("a", "local", "cpu")), "cancelled")
+    store.finish_run(second, "cancelled")
+    store.close()
+
+    listed = tui_cli(cfg, "matrix", "runs", "--db", str(db))
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["ID", "Started", "State", "Cells", "Passed", "Failed"]
+    assert [row.split()[:1] + row.split()[3:] for row in rows] == [
+        [str(second), "cancelled", "1", "0", "0"],
+        [str(first), "finished", "2", "1", "1"],
+    ]
+    doc = json.loads(tui_cli(cfg, "matrix", "runs", "--db", str(db), "--json").stdout)
+    assert [(r["id"], r["state"], r["cells"], r["passed"], r["failed"], r["cancelled"]) for r in doc["runs"]] == [
+        (second, "cancelled", 1, 0, 0, 1),
+        (first, "finished", 2, 1, 1, 0),
+    ]
+
+    out = tmp_path / "not" / "yet"
+    exported = tui_cli(cfg, "matrix", "export", "--db", str(db), "--run", str(first), "--out", str(out))
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.splitlines()[0] == f"created {out}"
+    assert (out / "MODEL_SUPPORT.md").exists() and (out / f"matrix-run-{first}.csv").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for target in (blocker, blocker / "below"):
+        bad = tui_cli(cfg, "matrix", "export", "--db", str(db), "--out", str(target))
+        assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and str(target) in bad.stderr, bad.stderr

@@ -16,7 +16,8 @@ import aiohttp
 import psutil
 import pytest
 
-from rbee_tui.errors import RbeeError
+from rbee_tui import PROTOCOL
+from rbee_tui.errors import HostKeyChanged, HostKeyUnknown, RbeeError
 from rbee_tui.pools.client import CONNECTED, LOST, PoolClient
 from rbee_tui.pools.hostkeys import trust
 from rbee_tui.worker.client import execute
@@ -96,6 +97,41 @@ async def test_catalog_download_spawn_execute_stop_through_ssh(
             await resp.read()
 
 
+async def test_a_spawn_waits_on_the_node_and_a_cancelled_one_leaves_no_worker(clients: dict[str, PoolClient]) -> None:
+    a = clients["pool-a"]
+    await a.workers()
+    assert a.agent is not None
+    calls = a.agent.calls
+    spawned: list[dict] = []
+    w = await a.spawn_worker("cpu", "tiny-test", on_spawned=spawned.append)
+    # Two calls, spawn and `worker wait` (the node watches the worker's readiness): no polling of the list.
+    assert a.agent.calls - calls == 2
+    assert [x["id"] for x in spawned] == [w["id"]] and spawned[0]["state"] in ("starting", "loading")
+    assert w["state"] == "ready" and w["ready_after_s"] > 0
+    assert [(x["id"], x["state"]) for x in a.view.workers] == [(w["id"], "ready")]  # listed without a new read
+    await a.stop_worker(w["id"])
+    with pytest.raises(RbeeError, match="no worker 'nope' in this pool"):
+        await a.wait_worker("nope")
+
+    # Cancelled while the worker loads: what the node started is stopped.
+    task: asyncio.Future[dict] = asyncio.ensure_future(
+        a.spawn_worker("cpu", "tiny-test", on_spawned=lambda _: task.cancel())
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await a.workers() == []
+    # Cancelled before the node even answered the spawn (one turn of the loop has set the spawn going):
+    # stopped once the node answers.
+    calls = a.agent.calls
+    task = asyncio.ensure_future(a.spawn_worker("cpu", "tiny-test"))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert a.agent.calls - calls == 3, "not the spawn, the stop and the list read again"
+    assert await a.workers() == []
+
+
 def _meminfo() -> dict[str, int]:
     out = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -109,7 +145,7 @@ async def test_metrics_stream_agrees_with_the_kernel(clients: dict[str, PoolClie
     await until(lambda: len(a.view.history) >= 3, 30, "three samples")
     w = await a.spawn_worker("cpu", "tiny-test")
     await until(
-        lambda: any(x["alive"] and x["rss_bytes"] for x in (a.view.last_sample or {}).get("workers", [])),
+        lambda: a.view.last_sample is not None and any(x.alive and x.rss_bytes for x in a.view.last_sample.workers),
         30,
         "the worker in the samples",
     )
@@ -121,23 +157,20 @@ async def test_metrics_stream_agrees_with_the_kernel(clients: dict[str, PoolClie
         await asyncio.sleep(0.02)
     sample = a.view.last_sample
     assert sample is not None
-    near = [(load, mem) for t, load, mem in readings if abs(t - sample["ts"]) <= 0.25]
+    near = [(load, mem) for t, load, mem in readings if abs(t - sample.ts) <= 0.25]
     assert near
     mem = near[0][1]
-    assert sample["ram"]["total"] == mem["MemTotal"]
+    assert sample.ram.total == mem["MemTotal"]
+    assert any(abs(sample.ram.used - (m["MemTotal"] - m["MemAvailable"])) <= 0.02 * m["MemTotal"] for _, m in near)
     assert any(
-        abs(sample["ram"]["used"] - (m["MemTotal"] - m["MemAvailable"])) <= 0.02 * m["MemTotal"] for _, m in near
-    )
-    assert any(
-        all(abs(ours - kernel) <= 0.02 * max(kernel, 1.0) for ours, kernel in zip(sample["load"], load, strict=True))
+        all(abs(ours - kernel) <= 0.02 * max(kernel, 1.0) for ours, kernel in zip(sample.load, load, strict=True))
         for load, _ in near
     )
-    assert 0.0 <= sample["cpu"]["percent"] <= 100.0 and len(sample["cpu"]["per_core"]) == os.cpu_count()
-    assert sample["swap"]["total"] >= 0 and "rx_bps" in sample["net"]
-    assert ("gpus" in sample) != ("gpus_reason" in sample), "no GPU must be said, not hidden"
-    assert sample["agent_cpu_ms"] < 1000
-    row = next(x for x in sample["workers"] if x["id"] == w["id"])
-    assert row["rss_bytes"] > 10_000_000 and row["pid"] == w["worker_pid"]
+    assert 0.0 <= sample.cpu_percent <= 100.0 and sample.cores == os.cpu_count()
+    assert sample.swap.total >= 0 and sample.net_rx_bps >= 0
+    assert bool(sample.gpus) != bool(sample.gpus_reason), "no GPU must be said, not hidden"
+    row = sample.worker(w["id"])
+    assert row is not None and row.rss_bytes > 10_000_000 and row.pid == w["worker_pid"]
     assert len(a.view.history) <= a.view.history.maxlen
     assert a.view.history.maxlen >= 600
 
@@ -190,8 +223,9 @@ async def test_unknown_and_changed_host_keys_are_refused(site: Site, tmp_path: P
     c.start()
     await until(lambda: c.view.state == LOST, 15, "a refusal")
     assert "is unknown (SHA256:" in c.view.reason
+    assert isinstance(c.view.error, HostKeyUnknown) and c.view.error.pool == "pool-a"
     await c.close()
-    fingerprint = await trust(unknown)
+    fingerprint = await trust(unknown, c.view.error.fingerprint)
     assert fingerprint.startswith("SHA256:")
     c = PoolClient(unknown)
     c.start()
@@ -206,6 +240,7 @@ async def test_unknown_and_changed_host_keys_are_refused(site: Site, tmp_path: P
     c.start()
     await until(lambda: c.view.state == LOST, 15, "a refusal")
     assert "CHANGED" in c.view.reason and "ssh-keygen -R" in c.view.reason
+    assert isinstance(c.view.error, HostKeyChanged) and c.view.error.fingerprint == fingerprint
     await c.close()
 
 
@@ -298,7 +333,7 @@ def _agents(pool: str) -> list[psutil.Process]:
 
 async def test_calls_go_through_one_agent_which_is_restarted_if_killed(clients: dict[str, PoolClient]) -> None:
     a = clients["pool-a"]
-    assert a.agent is not None and a.agent.hello["protocol"] == 1
+    assert a.agent is not None and a.agent.hello["protocol"] == PROTOCOL
     before = a.agent.calls
     for _ in range(5):
         await a.hive("models", "catalog")
@@ -349,3 +384,19 @@ async def test_a_worker_spawned_through_the_agent_starts_warm_and_outlives_it(cl
     stopped = await a.stop_worker(w["id"])
     assert stopped["exit_code"] == 0 and not stopped["forced"]  # it ended on SIGTERM and its end was recorded
     assert not psutil.pid_exists(w["worker_pid"]) or psutil.Process(w["worker_pid"]).status() == "zombie"
+
+
+async def test_an_ssh_pool_without_models_dir_uses_the_nodes_own_default(
+    site: Site, tmp_path: Path, isolated_home: Path
+) -> None:
+    c = PoolClient(replace(site.pools["pool-a"], models_dir=None))
+    c.start()
+    try:
+        await c.wait_connected(30)
+        node_default = tmp_path / "home-pool-a" / "data" / "rbee" / "models"  # the node's XDG_DATA_HOME
+        assert c.view.status["models_dir"] == str(node_default)
+        assert (await c.hive("models", "catalog"))["pool_id"] == "pool-a"
+        assert (node_default / "catalog.json").exists()
+        assert not (isolated_home / "data" / "rbee" / "models").exists(), "this machine's path was used"
+    finally:
+        await c.close()

@@ -1,4 +1,5 @@
-"""rbee-worker's HTTP API on the tiny model: health, /execute, OpenAI routes, queueing, cancel, bad input."""
+"""rbee-worker's HTTP API on the tiny model, for both engines: health, /execute, OpenAI routes, queueing, cancel,
+bad input, and characters of several bytes in streams."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from rbee_tui.tinymodel import TINY_BYTES, write_model
+from rbee_tui.worker.client import ENGINE_EMBEDDED as EMBEDDED
+from rbee_tui.worker.client import ENGINE_SERVER as SERVER
 from rbee_tui.worker.client import execute
 from tests.conftest import REPO_ROOT, wait_for
+from tests.e2e.test_llama_server import LLAMA_SERVER
 
 TINY = REPO_ROOT / "fixtures" / "tiny-test.gguf"
 
@@ -46,24 +51,16 @@ def http(method: str, url: str, body: bytes | dict | None = None) -> tuple[int, 
         return status, {"raw": raw.decode()}
 
 
-@pytest.fixture(scope="module")
-def worker() -> Iterator[str]:
+@pytest.fixture(scope="module", params=[EMBEDDED, SERVER])
+def worker(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A worker on tiny-test, once per engine: both serve the same API."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rbee_tui.worker.launch",
-            "--model",
-            str(TINY),
-            "--model-id",
-            "tiny-test",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    argv = [sys.executable, "-m", "rbee_tui.worker.launch", "--model", str(TINY), "--model-id", "tiny-test"]
+    if request.param == SERVER:
+        if LLAMA_SERVER is None:
+            pytest.skip("llama-server is not built: run scripts/build-llama-cpp.sh (CI does)")
+        argv += ["--engine", "llama-server", "--llama-server", LLAMA_SERVER]
+    proc = subprocess.Popen([*argv, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: proc.poll() is not None or http("GET", f"{url}/health")[0] == 200, timeout=60, interval=0.01)
     assert proc.poll() is None
@@ -272,3 +269,68 @@ def test_bad_model_file_exits_with_one_line(tmp_path: Path) -> None:
         timeout=60,
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+# -- characters of several bytes, written a byte per token ------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[EMBEDDED, SERVER])
+def bytes_worker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A worker on tiny-bytes, which answers "é🐝é🐝..." a byte per token, once per engine."""
+    model = write_model(tmp_path_factory.mktemp("models") / "tiny-bytes.gguf", TINY_BYTES)
+    port = free_port()
+    argv = [sys.executable, "-m", "rbee_tui.worker.launch", "--model", str(model), "--port", str(port)]
+    if request.param == SERVER:
+        if LLAMA_SERVER is None:
+            pytest.skip("llama-server is not built: run scripts/build-llama-cpp.sh (CI does)")
+        argv += ["--engine", "llama-server", "--llama-server", LLAMA_SERVER]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: proc.poll() is not None or http("GET", f"{url}/health")[0] == 200, timeout=60)
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+async def _stream(url: str, route: str, body: dict) -> list[dict]:
+    async with aiohttp.ClientSession() as session, session.post(f"{url}{route}", json=body) as resp:
+        assert resp.status == 200
+        lines = [ln.decode().strip() async for ln in resp.content if ln.strip()]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln[6:]) for ln in lines[:-1]]
+
+
+async def test_a_character_is_never_split_across_events(bytes_worker: str) -> None:
+    # 12 tokens: 🐝 (4 bytes) and é (2 bytes), twice. Each event carries whole characters or nothing.
+    tokens, summary = await run(bytes_worker, {"prompt": "Hello é", "max_tokens": 12})
+    assert summary["tokens_generated"] == len(tokens) == 12
+    assert "".join(tokens) == summary["text"] == "🐝é🐝é"
+    assert set(tokens) == {"", "🐝", "é"}
+    for route, body, pick in (
+        ("/v1/completions", {"prompt": "Hello é"}, lambda c: c["text"]),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}, lambda c: c["delta"]["content"]),
+    ):
+        whole = http("POST", f"{bytes_worker}{route}", {**body, "max_tokens": 12, "temperature": 0})[1]
+        chunks = await _stream(bytes_worker, route, {**body, "max_tokens": 12, "temperature": 0, "stream": True})
+        pieces = [
+            pick(c["choices"][0]) or "" for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is None
+        ]
+        answer = whole["choices"][0].get("text") or whole["choices"][0]["message"]["content"]
+        assert "".join(pieces) == answer and answer in ("🐝é🐝é", "é🐝é🐝")
+        assert all(p in ("", "é", "🐝") for p in pieces), pieces
+
+
+async def test_schema_constants_keep_characters_beyond_the_bmp(bytes_worker: str) -> None:
+    # A constant is written as JSON text, whatever characters it holds: no surrogate halves, no U+FFFD.
+    values = ["é你好🐝", 'a "quoted" \\ back\nslash']
+    fmt = {"type": "json_schema", "json_schema": {"name": "v", "schema": {"enum": values}}}
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 60, "response_format": fmt}
+    seen = set()
+    for seed in range(6):
+        status, whole = http("POST", f"{bytes_worker}/v1/chat/completions", {**body, "seed": seed})
+        assert status == 200, whole
+        seen.add(json.loads(whole["choices"][0]["message"]["content"]))
+        chunks = await _stream(bytes_worker, "/v1/chat/completions", {**body, "seed": seed, "stream": True})
+        streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert json.loads(streamed) in values and "\ufffd" not in streamed
+    assert seen <= set(values) and seen

@@ -62,7 +62,8 @@ async def test_two_pools_live_and_one_lost(site: Site) -> None:
         before = len(b.history)
         await until(pilot, lambda: len(b.history) >= before + 3, 10, "pool-b to keep streaming")
         assert "RAM" in row_text(app, "pool-b")
-        app.query_one(PoolList).index = 1  # pool-b's gauges keep moving on screen
+        app.query_one(PoolList).focus()
+        await pilot.press("down")  # pool-b's gauges keep moving on screen
         await pilot.pause(0.2)
         assert app.selected == "pool-b"
         site.sshd["pool-a"].start()
@@ -85,3 +86,42 @@ async def test_unknown_host_key_dialog(site: Site, tmp_path: Path) -> None:
         await pilot.click("#ok")
         await until(pilot, lambda: app.fleet.client("pool-a").view.state == "connected", 30, "the pool to connect")
     assert "127.0.0.1" in (tmp_path / "fresh_known_hosts").read_text()
+
+
+def _live_workers(home: Path) -> list[int]:
+    """Pids of the node's registered workers that still run."""
+    import json
+    import os
+
+    pids = []
+    for registry in home.rglob("workers.json"):
+        for w in json.loads(registry.read_text()).get("workers", []):
+            try:
+                os.kill(w["pid"], 0)
+            except ProcessLookupError:
+                continue
+            pids.append(w["pid"])
+    return pids
+
+
+async def test_quitting_during_a_matrix_run_leaves_no_worker_on_the_node(site: Site) -> None:
+    from rbee_tui.ui.screens.dialogs import ConfirmDialog
+
+    app = RbeeApp(Config(pools=(site.pools["pool-a"],)), sample_interval=0.5)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.fleet.client("pool-a").view.state == "connected", 30, "the pool")
+        await pilot.press("m")
+        await until(pilot, lambda: app.fleet.matrix.cells, 30, "the plan")
+        await pilot.press("a")
+        board = app.fleet.matrix
+        await until(
+            pilot,
+            lambda: any(j.state in ("loading", "running", "verifying") for j in board.jobs.values()),
+            60,
+            "a worker to be up",
+        )
+        await pilot.press("q")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmDialog), 10, "the question")
+        await pilot.click("#ok")
+    # The run was stopped, and its workers with it, before the connection closed.
+    assert _live_workers(site.root / "home-pool-a") == []

@@ -8,6 +8,7 @@ from typing import Any
 from textual.app import App, ComposeResult
 
 from rbee_tui.hive.metrics import Sampler
+from rbee_tui.sample import Sample
 from rbee_tui.ui.widgets.gauges import Gauge, GaugesPane
 from rbee_tui.ui.widgets.line import Line
 from tests.support import waiting
@@ -44,6 +45,7 @@ async def test_gpu_gauges_take_samples_that_come_before_they_are_mounted() -> No
         pane = app.query_one(GaugesPane)
         first, second = with_gpus(base, 5), with_gpus(base, 12)
         # Two samples in one go: the second reaches GPU gauges that were mounted for the first but not drawn yet.
+        first, second = Sample.parse(first), Sample.parse(second)
         pane.render_sample(first, [first], 2)
         pane.render_sample(second, [first, second], 2)
 

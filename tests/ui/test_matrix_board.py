@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from textual.widgets import DataTable
@@ -68,11 +69,13 @@ async def test_job_board(models_dir: Path, hive, isolated_home: Path, tmp_path: 
 
         # Details of the failed cell: its reason, timeline and worker log.
         table = screen.query_one("#board", DataTable)
-        table.move_cursor(row=screen.models.index("flaky"), column=1)
+        await pilot.press("right")  # from the model names to the cpu column
+        while table.cursor_row != screen.models.index("flaky"):
+            await pilot.press("down")
         await pilot.press("i")
         await until(pilot, lambda: isinstance(app.screen, CellDetails), 10, "the details")
         details = str(app.screen.query_one("#cell-details").render())
-        assert "bogus-arch" in details and "timeline:" in details and "worker log:" in details
+        assert "bogus-arch" in details and "timeline:" in details and "worker log" in details
         await pilot.press("escape")
 
         # Fix the model and retry only what failed.
@@ -92,8 +95,69 @@ async def test_job_board(models_dir: Path, hive, isolated_home: Path, tmp_path: 
             120,
             "the retry to pass",
         )
+        cursor = table.cursor_coordinate
+        # `a` again starts a new run of every cell: the store, the board, the details and the exports agree cell
+        # by cell, and a cell's details compare it with the run before.
+        board = app.fleet.matrix
+        first_run = board.run_id
+        await pilot.press("a")
+        await until(pilot, lambda: board.run_id not in (None, first_run) and finished(), 120, "the new run to finish")
+        assert table.cursor_coordinate == cursor, "the cursor stays where the user left it"
+        jobs = {j["cell"]: j for j in board.store.jobs(board.run_id)}
+        assert len(jobs) == 4
+        for key, text in board_text(screen).items():
+            assert board.state(key) == jobs[key]["state"], key
+            assert text.startswith({"passed": "✅", "skipped": "⏭"}[jobs[key]["state"]]), (key, text)
+        tps = jobs["tiny-test@cpu@local"]["measurements"]["avg_ts"]
+        assert f"{tps:.1f} tok/s" in board_text(screen)["tiny-test@cpu@local"]
+        # Enter on a cell runs just that cell, and its details show the new job with a worker log.
+        key = f"flaky@{screen.columns[0]}"
+        events_before = len(board.store.events(board.jobs[key].job_id))
+        await pilot.press("enter")
+        await until(
+            pilot,
+            lambda: len(board.store.events(board.jobs[key].job_id)) > events_before + 2 and finished(),
+            120,
+            "the cell to run again",
+        )
+        await pilot.press("i")
+        await until(pilot, lambda: isinstance(app.screen, CellDetails), 10, "the details")
+        details = str(app.screen.query_one("#cell-details").render())
+        measurements = details.split("timeline:")[0]
+        assert "passed" in details and "model loaded" in details  # the worker log of a passed cell too
+        assert "vs last run" in details
+        assert "None" not in measurements and " MB" in measurements and " s\n" in measurements  # human units
+        await pilot.press("escape")
         await pilot.press("e")
         exports = isolated_home / "data" / "rbee" / "exports"
         await until(pilot, lambda: exports.exists() and any(exports.rglob("MODEL_SUPPORT.md")), 10, "the export")
         md = next(exports.rglob("MODEL_SUPPORT.md")).read_text()
-        assert "| flaky |" in md and "✅" in md
+        assert "| flaky |" in md and "queued" not in md and "**Total Tests:** 2 (2 not run)" in md
+        data = json.loads(next(exports.rglob("*.json")).read_text())
+        exported = {f"{r['model']}@{r['backend']}@{r['pool']}": r["status"] for r in data["results"]}
+        assert exported == {k: j["state"] for k, j in jobs.items()}
+
+        # One click on another cell runs that cell, once.
+        key = f"tiny-test@{screen.columns[0]}"
+        events_before = len(board.store.events(board.jobs[key].job_id))
+        row, column = screen.models.index("tiny-test"), 1
+        x = sum(c.get_render_width(table) for c in table.ordered_columns[:column]) + 2
+        await pilot.click("#board", offset=(x, row + 1))
+        await until(
+            pilot,
+            lambda: len(board.store.events(board.jobs[key].job_id)) > events_before + 2 and finished(),
+            120,
+            "the clicked cell to run",
+        )
+        assert table.cursor_coordinate == (row, column)
+        assert not [n for n in app._notifications if "already going" in n.message]
+
+        # Delete asks first, with the safe answer focused.
+        await pilot.press("delete")
+        await until(pilot, lambda: app.screen.__class__.__name__ == "ConfirmDialog", 10, "the question")
+        await pilot.press("enter")
+        assert app.fleet.matrix.jobs, "Enter kept the board"
+        await pilot.press("delete")
+        await until(pilot, lambda: app.screen.__class__.__name__ == "ConfirmDialog", 10, "the question")
+        await pilot.click("#ok")
+        await until(pilot, lambda: not app.fleet.matrix.jobs, 10, "the board to clear")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 
 from rbee_tui.app import RbeeApp
 from rbee_tui.config import Config, PoolConfig
+from rbee_tui.sample import Sample
 
 GIB = 1024**3
 
@@ -101,7 +103,6 @@ def staged(tmp_path: Path) -> RbeeApp:
                 transport="ssh",
                 host="gpu-box.home.arpa",
                 backends=("cuda",),
-                gpus=1,
                 models_dir=str(tmp_path / "m"),
             ),
             PoolConfig(
@@ -114,6 +115,8 @@ def staged(tmp_path: Path) -> RbeeApp:
 
 async def inject(app: RbeeApp) -> None:
     """Put fixed state where the pool clients would, then render it the way live events do."""
+    while not app.dashboard.query("PoolList"):
+        await asyncio.sleep(0.01)
     box = app.fleet.client("gpu-box").view
     box.state = "connected"
     box.status = {
@@ -124,7 +127,7 @@ async def inject(app: RbeeApp) -> None:
         "gpus": [{"index": 0, "name": "NVIDIA RTX 3090", "memory_total": 24 * GIB}],
     }
     for i in range(40):
-        box.history.append(sample(i))
+        box.history.append(Sample.parse(sample(i)))
     box.last_sample = box.history[-1]
     box.workers = [
         {
@@ -139,19 +142,19 @@ async def inject(app: RbeeApp) -> None:
         }
     ]
     app.fleet.catalogs["gpu-box"] = CATALOG
-    app.fleet.last_tps[("gpu-box", "worker-cuda-0")] = 41.7
+    app.fleet.last_tps[("gpu-box", "worker-cuda-0", box.workers[0]["started_at"])] = 41.7
     mac = app.fleet.client("mac").view
     mac.state, mac.reason = "lost", "cannot connect to mac.home.arpa:22: Connection refused"
-    for pool in ("gpu-box", "mac"):
-        app.render_pool_row(pool)
-    app.render_all()
+    app.dashboard.redraw()
 
 
 SIZE = (120, 40)
 
 
 @pytest.mark.parametrize(
-    "keys", [(), ("3",), ("4",), ("o",), ("question_mark",)], ids=["catalog", "workers", "gauges", "overview", "help"]
+    "keys",
+    [(), ("3",), ("4",), ("o",), ("question_mark",), ("2",), ("down", "1"), ("down", "4")],
+    ids=["catalog", "workers", "gauges", "overview", "help", "downloads-empty", "lost-catalog", "lost-gauges"],
 )
 def test_screens(snap_compare, tmp_path: Path, keys: tuple[str, ...]) -> None:
     async def before(pilot) -> None:
@@ -169,7 +172,7 @@ def test_screens(snap_compare, tmp_path: Path, keys: tuple[str, ...]) -> None:
 def test_spawn_dialog(snap_compare, tmp_path: Path) -> None:
     async def before(pilot) -> None:
         await inject(pilot.app)
-        await pilot.press("s")
+        await pilot.press("3", "s")
         await pilot.pause(0.3)
 
     assert snap_compare(staged(tmp_path), terminal_size=SIZE, run_before=before)

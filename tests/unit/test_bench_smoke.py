@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rbee_tui.hive.setup import build_cache
 from tests.conftest import REPO_ROOT
 from tests.support.sshd import sshd_available
 
@@ -33,6 +34,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
     }
     if sshd_available() is None:  # the two that need an SSH pool
         expected |= {"matrix 1x2: wall vs critical path", "remote catalog: persistent conn"}
+        if list(build_cache().glob("*/bin/ggml-rpc-server")):  # and llama.cpp's tools, for the clusters
+            expected |= {f"cluster: {w} over {n} nodes" for w in ("decode", "prefill") for n in (2, 3)}
+            expected |= {"cluster: SSH relay vs direct, decode", "cluster: load, warm vs cold cache"}
     assert expected <= names, expected - names
     # Rates and times are positive; a difference (TTFT overhead) or a CPU share in a short window may be 0 or less.
     assert all(r["figure"] > 0 or r["unit"] in ("ms", "%") for r in results), results

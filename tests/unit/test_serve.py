@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from rbee_tui import PROTOCOL
 from tests.conftest import hive_cmd
 
 
@@ -56,7 +57,7 @@ def served() -> Iterator[Served]:
 
 
 def test_answers_like_a_fresh_process(served: Served, hive, models_dir) -> None:
-    assert served.hello["serve"] == 1 and served.hello["protocol"] == 1
+    assert served.hello["serve"] == 1 and served.hello["protocol"] == PROTOCOL
     args = ["--pool-id", "p1", "--models-dir", str(models_dir), "models", "catalog", "--json"]
     served.send({"id": 1, "argv": args})
     got = served.answer(1)
@@ -74,7 +75,7 @@ def test_calls_run_at_once_and_a_signal_ends_one(served: Served, models_dir) -> 
     common = ["--pool-id", "p1", "--models-dir", str(models_dir)]
     served.send({"id": "slow", "argv": [*common, "metrics", "--interval", "0.3", "--count", "3", "--json"]})
     served.send({"id": "quick", "argv": ["version", "--json"]})
-    assert json.loads(served.answer("quick")["out"])["protocol"] == 1
+    assert json.loads(served.answer("quick")["out"])["protocol"] == PROTOCOL
     assert not any(a["id"] == "slow" for a in served.answers), "answered before the slow call, not after it"
     slow = served.answer("slow")
     samples = [json.loads(line) for line in slow["out"].splitlines() if line.strip()]

@@ -8,7 +8,7 @@ from typing import Any
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid
+from textual.containers import Grid, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Markdown, RichLog
 
@@ -17,9 +17,10 @@ from rbee_tui.ui.widgets.pools import PoolCard
 
 
 class OverviewScreen(Screen[None]):
-    """Every pool side by side, as compact cards: for clusters of many machines."""
+    """Every pool side by side, as compact cards (Enter or a click opens one): for clusters of many machines."""
 
     BINDINGS = [Binding("escape,o", "dismiss", "Back")]
+    HELP_TITLE = "Overview"
 
     def __init__(self, pools: list[str]) -> None:
         super().__init__()
@@ -30,7 +31,7 @@ class OverviewScreen(Screen[None]):
         with Grid(id="overview"):
             for p in self.pools:
                 yield PoolCard(p)
-        yield Footer()
+        yield Footer(compact=True)  # the keys still fit at 80 columns
 
     def card(self, pool: str) -> PoolCard | None:
         """The card of `pool`."""
@@ -43,7 +44,8 @@ class OverviewScreen(Screen[None]):
 class WorkerLogScreen(Screen[None]):
     """A worker's log, following new lines until closed."""
 
-    BINDINGS = [Binding("escape,q", "dismiss", "Back")]
+    BINDINGS = [Binding("escape", "dismiss", "Back")]
+    HELP_TITLE = "Worker log"
 
     def __init__(self, fleet: Any, pool: str, worker_id: str) -> None:
         super().__init__()
@@ -52,7 +54,7 @@ class WorkerLogScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield RichLog(id="worker-log", wrap=True, max_lines=5000)
-        yield Footer()
+        yield Footer(compact=True)  # the keys still fit at 80 columns
 
     def on_mount(self) -> None:
         self.title = f"log of {self.worker_id} on {self.pool}"
@@ -71,7 +73,8 @@ class WorkerLogScreen(Screen[None]):
 class ErrorLogScreen(Screen[None]):
     """Every error the dashboard reported, with its details."""
 
-    BINDINGS = [Binding("escape,q", "dismiss", "Back")]
+    BINDINGS = [Binding("escape", "dismiss", "Back")]
+    HELP_TITLE = "Error log"
 
     def __init__(self, errors: list[tuple[float, str]]) -> None:
         super().__init__()
@@ -80,7 +83,7 @@ class ErrorLogScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield RichLog(id="error-log", wrap=True)
-        yield Footer()
+        yield Footer(compact=True)  # the keys still fit at 80 columns
 
     def on_mount(self) -> None:
         log = self.query_one(RichLog)
@@ -90,40 +93,32 @@ class ErrorLogScreen(Screen[None]):
             log.write(f"{time.strftime('%H:%M:%S', time.localtime(at))}  {text}")
 
 
-HELP = """\
-# rbee-tui
+def _key(binding: Binding) -> str:
+    names = {"question_mark": "?", "delete": "Delete", "backspace": "Backspace", "escape": "Escape", "enter": "Enter"}
+    return " / ".join(f"`{names.get(k, k)}`" for k in binding.key.split(","))
 
-Pools are on the left; the selected pool's **Catalog**, **Downloads**, **Workers** and **Gauges** on the right.
-Everything also works with the mouse, and **Ctrl+P** opens the command palette with every action.
 
-| Key | Action |
-|-----|--------|
-| `1` `2` `3` `4` | Catalog, Downloads, Workers, Gauges |
-| `d` | download the selected model |
-| `v` | verify the selected model's files |
-| `n` | register a model |
-| `x` | unregister the selected model |
-| `c` | cancel the selected download |
-| `s` | spawn a worker |
-| `k` | stop the selected worker |
-| `l` | follow the selected worker's log |
-| `p` | type a quick prompt to the selected worker |
-| `o` | overview of every pool |
-| `m` | the matrix job board (there: `a` all, `r` row, `c` column, `Enter` cell, `x` cancel, `f` retry, `e` export) |
-| `a` / `E` | add a pool / edit the selected pool |
-| `t` | switch theme (remembered) |
-| `e` | error log |
-| `r` | refresh |
-| `q` | quit |
-"""
+def help_text(sections: list[tuple[str, list[Binding]]], intro: str = "") -> str:
+    """Markdown tables of the keys that work where help was opened, section by section."""
+    out = [intro]
+    for title, bindings in sections:
+        out += [f"## {title}", "", "| Key | Action |", "|-----|--------|"]
+        out += [f"| {_key(b)} | {b.description} |" for b in bindings if isinstance(b, Binding)]
+        out.append("")
+    return "\n".join(out)
 
 
 class HelpScreen(Screen[None]):
-    """Keys and what they do."""
+    """The keys that work on the screen it was opened from, and what they do."""
 
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Back")]
 
+    def __init__(self, sections: list[tuple[str, list[Binding]]], intro: str = "") -> None:
+        super().__init__()
+        self.sections, self.intro = sections, intro
+
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Markdown(HELP)
-        yield Footer()
+        with VerticalScroll(id="help-scroll"):  # focused: arrows, PageUp/PageDown, Home/End scroll it
+            yield Markdown(help_text(self.sections, self.intro))
+        yield Footer(compact=True)  # the keys still fit at 80 columns

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.coordinate import Coordinate
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from rbee_tui.catalog import human_size
 from rbee_tui.errors import RbeeError
+from rbee_tui.matrix.board import MatrixBoard
 from rbee_tui.ui.format import duration
 
 MARK = {
@@ -36,6 +40,36 @@ STYLE = {
 }
 
 
+def _human(key: str, value: Any) -> str:
+    """A measurement as a person reads it: sizes in MiB/GiB, times with their unit."""
+    if value is None:
+        return "-"
+    if key in ("model_size", "peak_rss", "peak_vram") and isinstance(value, int | float):
+        return human_size(int(value))
+    if key.endswith("_s") and isinstance(value, int | float):
+        return f"{value:.2f} s"
+    if key.endswith("_ms") and isinstance(value, int | float):
+        return f"{value:.0f} ms"
+    if key.endswith("_ts") and isinstance(value, int | float):
+        return f"{value:.1f} tok/s"
+    if key.endswith("_c") and isinstance(value, int | float):
+        return f"{value:.0f} °C"
+    return str(value)
+
+
+class BoardTable(DataTable[Any]):
+    """The grid; a click on a cell runs it, as Enter does (Textual's table selects only on a second click)."""
+
+    async def _on_click(self, event: events.Click) -> None:
+        # Textual runs DataTable's own click handler after this one (handlers run for every class of the MRO):
+        # it moves the cursor, and selects only if the cursor was there already. Select the other clicks once
+        # the cursor has moved.
+        meta = event.style.meta
+        row, column = meta.get("row", -1), meta.get("column", -1)
+        if row >= 0 and column >= 0 and Coordinate(row, column) != self.cursor_coordinate:
+            self.call_later(self._post_selected_message)
+
+
 class CellDetails(ModalScreen[None]):
     """A cell's measurements, timeline and log."""
 
@@ -49,7 +83,7 @@ class CellDetails(ModalScreen[None]):
         d = self.details
         lines = [f"{d['cell']}: {d['state']}" + (f" - {d['reason']}" if d.get("reason") else ""), ""]
         for k, v in sorted((d.get("measurements") or {}).items()):
-            lines.append(f"  {k:<14} {v}")
+            lines.append(f"  {k:<14} {_human(k, v)}")
         prev = d.get("previous")
         if prev and prev.get("avg_ts") and (d.get("measurements") or {}).get("avg_ts"):
             now = d["measurements"]["avg_ts"]
@@ -61,8 +95,8 @@ class CellDetails(ModalScreen[None]):
             lines += ["", "timeline:"] + [
                 f"  +{e['at'] - t0:7.2f}s  {e['state']}  {e['detail']}" for e in d["timeline"]
             ]
-        if d.get("log_tail"):
-            lines += ["", "worker log:", *("  " + ln for ln in d["log_tail"].splitlines())]
+        lines += ["", "worker log (last lines):"]
+        lines += [("  " + ln) for ln in (d.get("log_tail") or "").splitlines()] or ["  (none: the cell did not run)"]
         with VerticalScroll(classes="dialog"):
             yield Static("\n".join(lines), id="cell-details")
 
@@ -76,14 +110,20 @@ class MatrixScreen(Screen[None]):
         Binding("r", "run_row", "Run row"),
         Binding("c", "run_column", "Run column"),
         Binding("enter", "run_cell", "Run cell"),
-        Binding("x", "cancel", "Cancel"),
+        Binding("x", "cancel", "Cancel run"),
         Binding("f", "retry_failed", "Retry failed"),
         Binding("delete,backspace", "clear", "Clear"),
         Binding("i", "details", "Details"),
         Binding("e", "export", "Export"),
     ]
+    HELP_TITLE = "Job board"
+    HELP_INTRO = (
+        "# The job board\n\nRows are models, columns backend@pool. `a` starts a new run of every cell; `r`, `c`, "
+        "`Enter` or a click run a row, a column or a cell again inside the current run (in place: the board, the "
+        "details, the store and the exports show one job per cell). Results stay stored: `rbee-tui matrix runs`.\n"
+    )
 
-    def __init__(self, board: Any) -> None:
+    def __init__(self, board: MatrixBoard) -> None:
         super().__init__()
         self.board = board
         self.columns: list[str] = []
@@ -92,8 +132,8 @@ class MatrixScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("planning…", id="matrix-progress")
-        yield DataTable(id="board", cursor_type="cell")
-        yield Footer()
+        yield BoardTable(id="board", cursor_type="cell")
+        yield Footer(compact=True)  # the keys still fit at 80 columns
 
     def on_mount(self) -> None:
         self.title = "matrix"
@@ -112,9 +152,8 @@ class MatrixScreen(Screen[None]):
 
     def _text(self, key: str) -> Text:
         job = self.board.jobs.get(key)
-        cell = next((c for c in self.board.cells if c.key == key), None)
-        state = (job or {}).get("state") or ("skipped" if cell and cell.skip else "not run")
-        tps = ((job or {}).get("measurements") or {}).get("avg_ts")
+        state = self.board.state(key)
+        tps = job.measurements.get("avg_ts") if job is not None else None
         label = (
             f"{MARK.get(state, '⟳')} {tps:.1f} tok/s"
             if tps and state == "passed"
@@ -127,6 +166,7 @@ class MatrixScreen(Screen[None]):
     def render_board(self) -> None:
         """Build the grid from the plan."""
         table = self.query_one("#board", DataTable)
+        keep = table.cursor_coordinate
         table.clear(columns=True)
         self.columns = list(dict.fromkeys(c.column for c in self.board.cells))
         self.models = list(dict.fromkeys(c.model for c in self.board.cells))
@@ -135,6 +175,8 @@ class MatrixScreen(Screen[None]):
             table.add_column(col, key=col)
         for model in self.models:
             table.add_row(model, *[self._text(f"{model}@{col}") for col in self.columns], key=model)
+        if table.row_count:  # the cursor stays where the user left it
+            table.move_cursor(row=min(keep.row, table.row_count - 1), column=min(keep.column, len(self.columns)))
         self.render_progress()
 
     def update_cell(self, key: str | None) -> None:
@@ -152,8 +194,9 @@ class MatrixScreen(Screen[None]):
         eta = self.board.eta_s()
         state = "running" if self.board.running else "idle"
         self.query_one("#matrix-progress", Static).update(
-            f"{state}  {c['done']}/{c['total']} done  ✅ {c['passed']}  ❌ {c['failed']}  ⏭ {c['skipped']}  "
-            f"⚠ {c['lost']}" + (f"  ETA {duration(eta)}" if eta is not None else "")
+            f"{state}  {c['done']}/{c['total']} done  ✅ {c['passed']} passed  ❌ {c['failed']} failed  "
+            f"⏭ {c['skipped']} skipped  ⚠ {c['pool lost']} pool lost  ⚠ {c['cancelled']} cancelled"
+            + (f"  ETA {duration(eta)}" if eta is not None else "")
         )
 
     # -- selection and actions -----------------------------------------------------------------------------
@@ -167,9 +210,9 @@ class MatrixScreen(Screen[None]):
         column = self.columns[col - 1] if 0 < col <= len(self.columns) else None
         return model, column
 
-    def _start(self, cells: list[Any]) -> None:
+    def _start(self, cells: list[Any], new_run: bool = False) -> None:
         try:
-            self.board.start(cells)
+            self.board.start(cells, new_run=new_run)
         except RbeeError as exc:
             self.app.notify(str(exc), severity="warning")
             return
@@ -177,8 +220,8 @@ class MatrixScreen(Screen[None]):
             self.update_cell(cell.key)
 
     def action_run_all(self) -> None:
-        """Run every cell."""
-        self._start(list(self.board.cells))
+        """Run every cell, as a new run (its details compare each cell with the run before)."""
+        self._start(list(self.board.cells), new_run=True)
 
     def action_run_row(self) -> None:
         """Run the selected model everywhere."""
@@ -191,39 +234,64 @@ class MatrixScreen(Screen[None]):
         self._start([c for c in self.board.cells if c.column == column])
 
     def action_run_cell(self) -> None:
-        """Run the selected cell."""
+        """Run the selected cell (on the model's name: its whole row)."""
         model, column = self._cursor()
+        if column is None:
+            self.action_run_row()
+            return
         self._start([c for c in self.board.cells if c.model == model and c.column == column])
+
+    def on_data_table_cell_selected(self, event: DataTable.CellSelected) -> None:
+        """Enter or a click on a cell runs it."""
+        event.stop()
+        self.action_run_cell()
 
     def action_retry_failed(self) -> None:
         """Run again every failed, lost or cancelled cell."""
-        again = ("failed", "pool lost", "cancelled", "interrupted")
-        self._start([c for c in self.board.cells if self.board.jobs.get(c.key, {}).get("state") in again])
+        self._start(self.board.retry_cells())
 
     def action_cancel(self) -> None:
         """Cancel the run; its workers are stopped."""
+        if not self.board.running:
+            self.app.notify("no run is going", severity="warning")
+            return
         self.board.cancel()
 
     def action_clear(self) -> None:
-        """Clear the board."""
-        try:
-            self.board.clear()
-        except RbeeError as exc:
-            self.app.notify(str(exc), severity="warning")
+        """Clear the board (asks first; the results stay in the store)."""
+        if self.board.running:
+            self.app.notify("cancel the run before clearing the board (x)", severity="warning")
+            return
+
+        def clear() -> None:
+            try:
+                self.board.clear()
+            except RbeeError as exc:
+                self.app.notify(str(exc), severity="warning")
+
+        self.app.confirm("Clear the board? The results stay stored (rbee-tui matrix runs lists them).", "Clear", clear)
 
     def action_details(self) -> None:
         """Show the selected cell's details."""
         model, column = self._cursor()
         if model and column:
-            self.app.push_screen(CellDetails(self.board.details(f"{model}@{column}")))
+            self.show_details(f"{model}@{column}")
+        else:
+            self.app.notify("pick a cell first (→ moves from the model names to the cells)", severity="warning")
 
-    def action_export(self) -> None:
+    @work(exclusive=True, exit_on_error=False, name="matrix:details")
+    async def show_details(self, key: str) -> None:
+        details = await asyncio.to_thread(self.board.details, key)  # SQLite reads stay off the screen's loop
+        await self.app.push_screen(CellDetails(details))
+
+    @work(exclusive=True, exit_on_error=False, name="matrix:export")
+    async def action_export(self) -> None:
         """Write md, csv, json and html of the current run."""
         from rbee_tui.config import data_dir
 
         out = data_dir() / "exports" / f"run-{self.board.run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
         try:
-            paths = self.board.export(["md", "csv", "json", "html"], out)
+            paths = await asyncio.to_thread(self.board.export, ["md", "csv", "json", "html"], out)
         except RbeeError as exc:
             self.app.notify(str(exc), severity="warning")
             return

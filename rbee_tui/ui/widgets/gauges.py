@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
@@ -11,6 +10,7 @@ from textual.css.query import NoMatches
 from textual.widget import Widget
 from textual.widgets import Label, ProgressBar, Sparkline, Static
 
+from rbee_tui.sample import Sample
 from rbee_tui.ui.format import gib, level, rate
 from rbee_tui.ui.widgets.line import Line
 
@@ -77,10 +77,6 @@ class Gauge(Widget):
         self.query_one(Sparkline).data = self._reading[2] or [0.0]
 
 
-def _pct(used: float | None, total: float | None) -> float | None:
-    return None if not total or used is None else 100.0 * used / total
-
-
 class GaugesPane(VerticalScroll):
     """All the gauges of the selected pool, redrawn from its latest sample and history."""
 
@@ -100,69 +96,66 @@ class GaugesPane(VerticalScroll):
         yield Gauge("Network", warn=101, crit=101, id="g-net")
         yield VerticalScroll(id="gpu-gauges")
 
-    def render_sample(self, sample: dict[str, Any] | None, history: list[dict[str, Any]], cpus: int) -> None:
-        """Redraw every gauge."""
+    def render_sample(self, sample: Sample | None, history: Sequence[Sample], cpus: int, lost: str = "") -> None:
+        """Redraw every gauge; `lost` says why the pool has no live readings (the gauges are then hidden)."""
         note = self.query_one("#gauges-note", Line)
-        if sample is None:
-            note.update("waiting for the first sample…")
+        self.set_class(bool(lost), "-lost")
+        text = lost or ("waiting for the first sample…" if sample is None else "")
+        note.update(text)
+        if note.display != bool(text):
+            note.display = bool(text)  # an empty note would leave a blank line above the gauges
+        if sample is None or lost:
             return
-        note.update("")
-        ram, swap = sample["ram"], sample["swap"]
+        ram, swap = sample.ram, sample.swap
         self.query_one("#g-ram", Gauge).show(
-            ram["percent"],
-            f"{gib(ram['used'])} / {gib(ram['total'])}  {ram['percent']:.0f}%",
-            [h["ram"]["percent"] for h in history],
+            ram.percent, f"{gib(ram.used)} / {gib(ram.total)}  {ram.percent:.0f}%", [h.ram.percent for h in history]
         )
-        swap_pct = _pct(swap["used"], swap["total"])
         self.query_one("#g-swap", Gauge).show(
-            swap_pct,
-            f"{gib(swap['used'])} / {gib(swap['total'])}" if swap["total"] else "no swap",
-            [_pct(h["swap"]["used"], h["swap"]["total"]) or 0.0 for h in history],
+            swap.percent,
+            f"{gib(swap.used)} / {gib(swap.total)}" if swap.total else "no swap",
+            [h.swap.percent or 0.0 for h in history],
         )
         self.query_one("#g-cpu", Gauge).show(
-            sample["cpu"]["percent"],
-            f"{sample['cpu']['percent']:.0f}% of {len(sample['cpu']['per_core'])} cores",
-            [h["cpu"]["percent"] for h in history],
+            sample.cpu_percent, f"{sample.cpu_percent:.0f}% of {sample.cores} cores", [h.cpu_percent for h in history]
         )
-        load = sample["load"][0]
+        load = sample.load[0]
         self.query_one("#g-load", Gauge).show(
             min(100.0, 100.0 * load / max(cpus, 1)),
-            f"{load:.2f} (5m {sample['load'][1]:.2f}, 15m {sample['load'][2]:.2f})",
-            [100.0 * h["load"][0] / max(cpus, 1) for h in history],
+            f"{load:.2f} (5m {sample.load[1]:.2f}, 15m {sample.load[2]:.2f})",
+            [100.0 * h.load[0] / max(cpus, 1) for h in history],
         )
-        temp = sample["temps"].get("cpu_c")
+        temp = sample.cpu_temp_c
         self.query_one("#g-temp", Gauge).show(
             temp,
-            f"{temp:.0f} °C" if temp is not None else sample["temps"].get("cpu_reason", "not reported"),
-            [h["temps"].get("cpu_c") or 0.0 for h in history],
+            f"{temp:.0f} °C" if temp is not None else sample.cpu_temp_reason or "not reported",
+            [h.cpu_temp_c or 0.0 for h in history],
         )
-        disk = sample.get("disk")
+        read, write = sample.disk_read_bps, sample.disk_write_bps
         self.query_one("#g-disk", Gauge).show(
-            None if disk is None else min(100.0, (disk["read_bps"] + disk["write_bps"]) / 5e6),
-            "not reported" if disk is None else f"read {rate(disk['read_bps'])}  write {rate(disk['write_bps'])}",
-            [((h.get("disk") or {}).get("read_bps", 0) + (h.get("disk") or {}).get("write_bps", 0)) for h in history],
+            None if read is None or write is None else min(100.0, (read + write) / 5e6),
+            "not reported" if read is None or write is None else f"read {rate(read)}  write {rate(write)}",
+            [(h.disk_read_bps or 0.0) + (h.disk_write_bps or 0.0) for h in history],
         )
-        net = sample["net"]
         self.query_one("#g-net", Gauge).show(
-            min(100.0, (net["rx_bps"] + net["tx_bps"]) / 1.25e6),
-            f"in {rate(net['rx_bps'])}  out {rate(net['tx_bps'])}",
-            [h["net"]["rx_bps"] + h["net"]["tx_bps"] for h in history],
+            min(100.0, (sample.net_rx_bps + sample.net_tx_bps) / 1.25e6),
+            f"in {rate(sample.net_rx_bps)}  out {rate(sample.net_tx_bps)}",
+            [h.net_rx_bps + h.net_tx_bps for h in history],
         )
         self._render_gpus(sample, history)
 
-    def _render_gpus(self, sample: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    def _render_gpus(self, sample: Sample, history: Sequence[Sample]) -> None:
         box = self.query_one("#gpu-gauges", VerticalScroll)
-        gpus = sample.get("gpus") or []
-        wanted = [f"gpu{g['index']}-{kind}" for g in gpus for kind in ("vram", "util", "temp", "power")]
+        gpus = sample.gpus
+        wanted = [f"gpu{g.index}-{kind}" for g in gpus for kind in ("vram", "util", "temp", "power")]
         # Our own record of what is mounted: the DOM lags behind a mount, and samples do not wait for it.
         if wanted != self._gpu_layout:
             box.remove_children()
             self._gpu_gauges = {}
             self._gpu_layout = wanted
             if not gpus:
-                box.mount(Static(f"GPUs: {sample.get('gpus_reason', 'none')}", classes="gpu-reason"))
+                box.mount(Static(f"GPUs: {sample.gpus_reason or 'none'}", classes="gpu-reason"))
             for g in gpus:
-                i = g["index"]
+                i = g.index
                 for gauge in (
                     Gauge(f"GPU{i} VRAM", id=f"gpu{i}-vram"),
                     Gauge(f"GPU{i} util", warn=101, crit=101, id=f"gpu{i}-util"),
@@ -171,26 +164,25 @@ class GaugesPane(VerticalScroll):
                 ):
                     self._gpu_gauges[str(gauge.id)] = gauge
             box.mount_all(self._gpu_gauges.values())
-        for g in gpus:
-            i = g["index"]
-            past = [(h.get("gpus") or [{}] * (i + 1))[i] if len(h.get("gpus") or []) > i else {} for h in history]
-            vram = _pct(g["memory_used"], g["memory_total"])
+        for n, g in enumerate(gpus):
+            i = g.index
+            past = [h.gpus[n] for h in history if len(h.gpus) > n]
             self._gpu_gauges[f"gpu{i}-vram"].show(
-                vram,
-                f"{gib(g['memory_used'])} / {gib(g['memory_total'])}  {g['name']}",
-                [_pct(p.get("memory_used"), p.get("memory_total")) or 0.0 for p in past],
+                g.memory_percent,
+                f"{gib(g.memory_used)} / {gib(g.memory_total)}  {g.name}",
+                [p.memory_percent or 0.0 for p in past],
             )
-            util = g["util_percent"]
+            util = g.util_percent
             self._gpu_gauges[f"gpu{i}-util"].show(
-                util, "not reported" if util is None else f"{util:.0f}%", [p.get("util_percent") or 0.0 for p in past]
+                util, "not reported" if util is None else f"{util:.0f}%", [p.util_percent or 0.0 for p in past]
             )
-            temp = g["temp_c"]
+            temp = g.temp_c
             self._gpu_gauges[f"gpu{i}-temp"].show(
-                temp, "not reported" if temp is None else f"{temp:.0f} °C", [p.get("temp_c") or 0.0 for p in past]
+                temp, "not reported" if temp is None else f"{temp:.0f} °C", [p.temp_c or 0.0 for p in past]
             )
-            power = g["power_w"]
+            power = g.power_w
             self._gpu_gauges[f"gpu{i}-power"].show(
                 None if power is None else min(100.0, power / 7.0),
                 "not reported" if power is None else f"{power:.0f} W",
-                [p.get("power_w") or 0.0 for p in past],
+                [p.power_w or 0.0 for p in past],
             )

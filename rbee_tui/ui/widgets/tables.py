@@ -25,3 +25,10 @@ def sync_rows(table: DataTable, rows: Sequence[tuple[str, Sequence[str]]]) -> No
         table.add_row(*cells, key=key)
     if table.row_count:
         table.move_cursor(row=min(keep, table.row_count - 1))
+
+
+def cursor_key(table: DataTable) -> str | None:
+    """The key of the row under the cursor, or None when the table is empty."""
+    if not table.row_count:
+        return None
+    return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value

@@ -1,0 +1,45 @@
+"""`rbee-worker`'s arguments and logging, shared by both engines (the embedded server and the llama-server
+proxy)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`rbee-worker` arguments."""
+    ap = argparse.ArgumentParser(prog="rbee-worker", description="Serve one GGUF model over HTTP with llama.cpp.")
+    ap.add_argument("--model", required=True, help="path of the .gguf file")
+    ap.add_argument("--model-id", help="the catalog id, reported by /health and /v1/models")
+    ap.add_argument("--worker-id")
+    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default="cpu")
+    ap.add_argument("--gpu", type=int, default=0)
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--n-ctx", type=int, help="context size (default: the model's, at most 4096)")
+    ap.add_argument("--verbose", action="store_true", help="let llama.cpp log its own loading details")
+    ap.add_argument("--fd", type=int, help="a socket already bound to the port (passed by rbee-hive)")
+    ap.add_argument(
+        "--engine",
+        choices=["llama-cpp-python", "llama-server"],
+        default="llama-cpp-python",
+        help="llama-cpp-python in this process, or llama.cpp's llama-server behind the same API",
+    )
+    ap.add_argument("--llama-server", help="llama-server's path (default: $RBEE_LLAMA_SERVER, then PATH)")
+    return ap
+
+
+def setup_logging() -> None:
+    """Log lines to stdout (the worker's log), UTC timestamps."""
+    logging.basicConfig(
+        force=True,  # a worker forked from rbee-hive serve inherits its logging set-up
+        level=logging.INFO,
+        stream=sys.stdout,
+        format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+    logging.Formatter.converter = time.gmtime
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
