@@ -209,7 +209,8 @@ def readiness(smoke: bool) -> Iterator[dict[str, Any]]:
     from datetime import datetime
 
     from rbee_tui.catalog import CatalogStore
-    from rbee_tui.hive.workers import Registry, spawn, stop, wait_ready
+    from rbee_tui.hive.records import Registry
+    from rbee_tui.hive.workers import spawn, stop, wait_ready
 
     isolated()
     store = CatalogStore(Path(os.environ["XDG_DATA_HOME"]) / "models", "bench")

@@ -38,9 +38,16 @@ def cluster_model(smoke: bool) -> Path:
         path = CACHE / "cluster-smoke.gguf"
     else:
         spec = TinySpec(
-            name="cluster bench", n_embd=1536, n_layer=6, n_head=12, n_head_kv=12, n_ff=4096, n_ctx=1024, seed=5,
+            name="cluster bench",
+            n_embd=1536,
+            n_layer=6,
+            n_head=12,
+            n_head_kv=12,
+            n_ff=4096,
+            n_ctx=1024,
+            seed=5,
             f16=True,
-        )  # fmt: skip
+        )
         path = CACHE / "cluster-340m.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +82,8 @@ async def _rounds(pools: dict[str, Any], caches: list[Path], rounds: int, n_pred
     for c in clients.values():
         c.start()
     got: dict[str, list[float]] = {}
-    threads = len(os.sched_getaffinity(0))  # each node's rpc-server gets every core, as the single worker does
+    # Each node's rpc-server gets every core, as the single worker does (RBEE_BENCH_RPC_THREADS overrides).
+    threads = int(os.environ.get("RBEE_BENCH_RPC_THREADS") or len(os.sched_getaffinity(0)))
 
     async def once(key: str, members: list[str], measure: bool = True) -> None:
         cluster = Cluster(clients, MODEL, members, policy="spread", ctx=1024, threads=threads, restarts=0)
@@ -148,7 +156,7 @@ def cluster(smoke: bool) -> Iterator[dict[str, Any]]:
         pools[name] = ssh_pool(name, sshd, key, home / name, hive)
     # The same node reached without the SSH relay: the head dials its rpc-server at the address it listens on.
     pools["node-a-lan"] = replace(pools["node-a"], name="node-a-lan", rpc_host="127.0.0.1")
-    rounds, n_predict = (1, 8) if smoke else (5, 64)
+    rounds, n_predict = (1, 8) if smoke else (int(os.environ.get("RBEE_BENCH_ROUNDS") or 5), 64)
     try:
         got = asyncio.run(_rounds(pools, [c / "rbee" / "rpc" for c in caches], rounds, n_predict))
     finally:
@@ -167,17 +175,39 @@ def cluster(smoke: bool) -> Iterator[dict[str, Any]]:
         for what in ("decode", "prefill"):
             figure, base = med[f"{key} {what}"], med[f"one {what}"]
             yield row(
-                f"cluster: {what} over {n} nodes", figure, "t/s", "report", base, figure / base,
-                detail=f"{size}; relayed through SSH; one node = llama-server alone", runs=got[f"{key} {what}"],
-            )  # fmt: skip
+                f"cluster: {what} over {n} nodes",
+                figure,
+                "t/s",
+                "report",
+                base,
+                figure / base,
+                detail=f"{size}; relayed through SSH; one node = llama-server alone",
+                runs=got[f"{key} {what}"],
+                baseline_runs=got[f"one {what}"],
+            )
     for what in ("decode", "prefill"):
         figure, base = med[f"two {what}"], med[f"direct2 {what}"]
         yield row(
-            f"cluster: SSH relay vs direct, {what}", figure, "t/s", "report", base, figure / base,
-            detail="2 nodes; baseline: the second node dialled directly (rpc_host)", runs=got[f"two {what}"],
-        )  # fmt: skip
+            f"cluster: SSH relay vs direct, {what}",
+            figure,
+            "t/s",
+            "report",
+            base,
+            figure / base,
+            detail="2 nodes; baseline: the second node dialled directly (rpc_host)",
+            runs=got[f"two {what}"],
+            baseline_runs=got[f"direct2 {what}"],
+        )
     cold, warm = med["cold3 load_s"], med["warm3 load_s"]
     yield row(
-        "cluster: load, warm vs cold cache", warm, "s", "warm < cold", cold, warm / cold, warm < cold,
-        detail=f"3 nodes, spawn to ready; {size}", runs=got["warm3 load_s"], cold_runs=got["cold3 load_s"],
-    )  # fmt: skip
+        "cluster: load, warm vs cold cache",
+        warm,
+        "s",
+        "warm < cold",
+        cold,
+        warm / cold,
+        warm < cold,
+        detail=f"3 nodes, spawn to ready; {size}",
+        runs=got["warm3 load_s"],
+        baseline_runs=got["cold3 load_s"],
+    )

@@ -17,14 +17,14 @@ import contextlib
 import re
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from rbee_tui.cluster.front import Front
 from rbee_tui.cluster.layers import ModelShape, shape_from_json
 from rbee_tui.cluster.meter import Meter
-from rbee_tui.cluster.planner import DEFAULT_MARGIN, NodeFree, Placement, Refusal, plan
+from rbee_tui.cluster.planner import DEFAULT_MARGIN, MiB, NodeFree, Placement, Refusal, plan
 from rbee_tui.errors import RbeeError
 from rbee_tui.pools.client import CONNECTED, PoolClient
 
@@ -33,6 +33,9 @@ POLL_S = 1.0
 CALL_TIMEOUT_S = 5.0
 _USING = re.compile(r"using device (RPC\d+) \((\S+)\)")
 _ASSIGNED = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
+# `load_tensors: RPC0[127.0.0.1:50052] model buffer size =  24.02 MiB`, `llama_context:  CPU  output buffer ...`
+_BUFFER = re.compile(r"(?<!\S)(\S+)\s+(model|KV|compute|output) buffer size =\s*([\d.]+) MiB")
+_RPC_BUFFER = re.compile(r"RPC\d+\[(\S+)\]$")
 
 
 @dataclass
@@ -340,6 +343,27 @@ class Cluster:
         )
         return {int(m.group(1)): device_pool.get(m.group(2), m.group(2)) for ln in lines if (m := _ASSIGNED.search(ln))}
 
+    async def reported_memory(self) -> dict[str, dict[str, int]]:
+        """What llama.cpp says each pool holds after load (the coordinator's log), in bytes by kind.
+
+        An RPC server's buffers ('model', 'KV', 'compute') go to the pool whose endpoint they name; every other
+        buffer (CPU_Mapped, CPU, ...) is the coordinator's own, on the head, as 'host model', 'host compute' ...
+        """
+        run = self.running
+        if run is None or run.coordinator is None:
+            return {}
+        doc = await self.clients[self.head].hive("worker", "logs", run.coordinator["id"], "--lines", "20000")
+        pool_of = {ep: s.name for ep, s in zip(run.endpoints, run.placement.shares, strict=False)}
+        out: dict[str, dict[str, int]] = {}
+        for name, kinds in reported_buffers(doc.get("lines", [])).items():
+            m = _RPC_BUFFER.match(name)
+            pool = pool_of.get(m.group(1), m.group(1)) if m else self.head
+            into = out.setdefault(pool, {})
+            for kind, n in kinds.items():
+                key = kind if m else f"host {kind}"
+                into[key] = into.get(key, 0) + n
+        return out
+
     # -- watch ----------------------------------------------------------------------------------------------
 
     async def _rpc_alive(self, name: str) -> str:
@@ -494,6 +518,18 @@ class Cluster:
             await self.front.close()
         self.state = "stopped"
         return self._emit("stopped", pending=sorted(self.to_clean))
+
+
+def reported_buffers(lines: Iterable[str]) -> dict[str, dict[str, int]]:
+    """The buffers a llama.cpp log reports, by buffer name ('RPC0[127.0.0.1:50052]', 'CPU_Mapped', 'CPU') and kind
+    ('model', 'KV', 'compute', 'output'), in bytes to the 0.01 MiB it prints; a name logged twice for a kind (one
+    model buffer per file of a split model) adds up."""
+    out: dict[str, dict[str, int]] = {}
+    for ln in lines:
+        if m := _BUFFER.search(ln):
+            kinds = out.setdefault(m.group(1), {})
+            kinds[m.group(2)] = kinds.get(m.group(2), 0) + round(float(m.group(3)) * MiB)
+    return out
 
 
 def describe_plan(placement: Placement) -> list[dict[str, Any]]:

@@ -223,7 +223,7 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _registry(ctx: Context) -> Any:
-    from rbee_tui.hive.workers import Registry
+    from rbee_tui.hive.records import Registry
 
     return Registry(ctx.pool_id)
 
@@ -241,7 +241,8 @@ def _worker_line(w: dict[str, Any]) -> str:
 
 
 def cmd_worker_spawn(ctx: Context, args: argparse.Namespace) -> int:
-    from rbee_tui.hive.workers import describe, spawn, wait_ready
+    from rbee_tui.hive.records import describe
+    from rbee_tui.hive.workers import spawn, wait_ready
 
     llama_server = args.llama_server or (ctx.pool.llama_server if ctx.pool else None)
     record = spawn(
@@ -278,7 +279,8 @@ def cmd_worker_spawn(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_worker_wait(ctx: Context, args: argparse.Namespace) -> int:
-    from rbee_tui.hive.workers import describe, wait_ready
+    from rbee_tui.hive.records import describe
+    from rbee_tui.hive.workers import wait_ready
 
     record = _registry(ctx).find(check_id(args.worker_id, "worker id"))
 
@@ -299,7 +301,7 @@ def cmd_worker_wait(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_worker_list(ctx: Context, args: argparse.Namespace) -> int:
-    from rbee_tui.hive.workers import describe
+    from rbee_tui.hive.records import describe
 
     workers = [describe(r) for r in _registry(ctx).read()]
     if ctx.json:
@@ -328,7 +330,8 @@ def cmd_worker_stop(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_worker_logs(ctx: Context, args: argparse.Namespace) -> int:
-    from rbee_tui.hive.workers import follow, tail
+    from rbee_tui.hive.records import tail
+    from rbee_tui.hive.workers import follow
 
     registry = _registry(ctx)
     try:

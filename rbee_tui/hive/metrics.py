@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from rbee_tui.hive.workers import Registry, WorkerRecord, _alive, worker_process
+from rbee_tui.hive.records import Registry, WorkerRecord, _alive, worker_process
 
 
 class Nvml:

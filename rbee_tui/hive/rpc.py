@@ -25,8 +25,9 @@ import psutil
 from rbee_tui import files
 from rbee_tui.config import state_dir
 from rbee_tui.errors import RbeeError
+from rbee_tui.hive import records as worker_records
 from rbee_tui.hive import workers
-from rbee_tui.hive.workers import Registry, WorkerRecord
+from rbee_tui.hive.records import Registry, WorkerRecord, group_members, tail, worker_process
 from rbee_tui.names import check_id
 
 RPC_ID = "rpc"
@@ -137,7 +138,7 @@ def cache_dir() -> Path:
 
 def server_process(record: WorkerRecord) -> psutil.Process | None:
     """The ggml-rpc-server process (the supervisor's child)."""
-    return workers.worker_process(record)
+    return worker_process(record)
 
 
 def _connections(proc: psutil.Process | None, port: int) -> tuple[bool, int]:
@@ -156,7 +157,7 @@ def _connections(proc: psutil.Process | None, port: int) -> tuple[bool, int]:
 def devices(log: str) -> list[dict[str, Any]]:
     """The devices the server listed at start, with total and free memory as it reported them."""
     out = []
-    for line in workers.tail(log, 200):
+    for line in tail(log, 200):
         m = _DEVICE.match(line)
         if m:
             name, desc, total, free = m.groups()
@@ -172,7 +173,7 @@ def _binary_of(record: WorkerRecord) -> str:
 
 def describe(record: WorkerRecord) -> dict[str, Any]:
     """The server's record with its live state: running or exited, listening, busy, devices, build."""
-    out = workers.describe(record, probe=False)
+    out = worker_records.describe(record, probe=False)
     binary = _binary_of(record)
     out.update(kind=KIND, binary=binary, build=build_of(binary), endpoint=f"{record.host}:{record.port}")
     out["devices"] = devices(record.log)
@@ -270,7 +271,7 @@ def _start(
     with files.locked(registry.path):
         records = registry.read()
         old = next((r for r in records if r.id == RPC_ID), None)
-        if old is not None and workers.group_members(old.pid):
+        if old is not None and group_members(old.pid):
             raise RbeeError(
                 f"an rpc-server already runs on this node (port {old.port})", "stop it first: rbee-hive rpc stop"
             )

@@ -36,6 +36,7 @@ from rbee_tui.worker.params import CHAT, COMPLETIONS, SERVER
 from rbee_tui.worker.proxy_jobs import Job, Queue
 from rbee_tui.worker.relay import Answers, Tokens, execute_body, openai_body, sse_data, upstream_error
 from rbee_tui.worker.requests import BadRequest, build_request, job_id
+from rbee_tui.worker.settings import listen
 from rbee_tui.worker.sse import MAX_BODY, last_resort, open_stream, read_body, sse
 from rbee_tui.worker.upstream import LlamaServer, ended
 
@@ -371,19 +372,9 @@ async def serve(args: argparse.Namespace) -> int:
     model_id = args.model_id or os.path.basename(args.model)
     worker = ProxyWorker(server, model_id, args.worker_id or f"worker-{os.getpid()}", args.backend, args.gpu)
     # A client that goes away cancels its handler, and with it the llama-server request it was waiting on.
-    runner = web.AppRunner(build_app(worker), access_log=None, handle_signals=False, handler_cancellation=True)
-    await runner.setup()
-    try:
-        if args.fd is not None:  # rbee-hive bound the port for us
-            import socket
-
-            site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=args.fd))
-        else:
-            site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        return _fail(EXIT_BIND_FAILED, f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    runner = await listen(build_app(worker), args, handler_cancellation=True)
+    if isinstance(runner, str):
+        return _fail(EXIT_BIND_FAILED, runner)
     log.info(
         "rbee-worker %s listening on http://%s:%d (pid %d, model %s, engine llama-server)",
         __version__,

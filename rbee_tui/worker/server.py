@@ -22,7 +22,7 @@ from rbee_tui.worker import openai_api
 from rbee_tui.worker.engines import LlamaCppEngine
 from rbee_tui.worker.jobs import WORKER, Job, JobDone, JobFailed, TokenOut, Worker, events
 from rbee_tui.worker.requests import BadRequest, build_request, job_id
-from rbee_tui.worker.settings import build_parser, setup_logging
+from rbee_tui.worker.settings import build_parser, listen, setup_logging
 from rbee_tui.worker.sse import MAX_BODY, last_resort, open_stream, read_body, sse
 
 __all__ = ["Job", "Worker", "build_app", "main"]
@@ -125,19 +125,9 @@ async def serve(args: argparse.Namespace) -> int:
         return _fail(EXIT_LOAD_FAILED, f"cannot load the model: {exc.message}")
     engine = LlamaCppEngine(args.model, args.backend, args.gpu, args.n_ctx, verbose=args.verbose)
     worker = Worker(engine, args.model_id or os.path.basename(args.model), args.worker_id or f"worker-{os.getpid()}")
-    runner = web.AppRunner(build_app(worker), access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        if args.fd is not None:  # rbee-hive bound the port for us
-            import socket
-
-            site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=args.fd))
-        else:
-            site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        return _fail(EXIT_BIND_FAILED, f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    runner = await listen(build_app(worker), args)
+    if isinstance(runner, str):
+        return _fail(EXIT_BIND_FAILED, runner)
     log.info(
         "rbee-worker %s listening on http://%s:%d (pid %d, model %s)",
         __version__,

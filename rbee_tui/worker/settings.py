@@ -7,6 +7,9 @@ import argparse
 import logging
 import sys
 import time
+from typing import Any
+
+from aiohttp import web
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,3 +46,21 @@ def setup_logging() -> None:
     )
     logging.Formatter.converter = time.gmtime
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+async def listen(app: web.Application, args: argparse.Namespace, **runner_options: Any) -> web.AppRunner | str:
+    """Serve `app` on the socket rbee-hive bound for us (--fd), or on --host/--port; the runner, or why not."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_options)
+    await runner.setup()
+    try:
+        if args.fd is not None:  # rbee-hive bound the port for us
+            import socket
+
+            site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=args.fd))
+        else:
+            site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        return f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+    return runner

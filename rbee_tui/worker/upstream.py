@@ -70,12 +70,17 @@ class LlamaServer:
 
     def argv(self) -> list[str]:
         """llama-server's command line: one slot (the worker queues requests), loopback only."""
-        argv = [self.binary, "-m", self.model, "--host", "127.0.0.1", "--port", str(self.port)]
-        argv += ["-c", str(self.n_ctx), "--parallel", "1", "-ngl", "0" if self.backend == "cpu" else "999"]
+        # A cluster coordinator's own arguments (--rpc, --tensor-split, -ngl, -c ...), set by rbee-hive's spawn:
+        # they replace ours (llama-server warns about a flag given twice).
+        extra = shlex.split(os.environ.get("RBEE_LLAMA_SERVER_ARGS", ""))
+        argv = [self.binary, "-m", self.model, "--host", "127.0.0.1", "--port", str(self.port), "--parallel", "1"]
+        if "-c" not in extra and "--ctx-size" not in extra:
+            argv += ["-c", str(self.n_ctx)]
+        if "-ngl" not in extra and "--n-gpu-layers" not in extra:
+            argv += ["-ngl", "0" if self.backend == "cpu" else "999"]
         if self.backend == "cuda":
             argv += ["--main-gpu", str(self.gpu), "--split-mode", "none"]
-        # A cluster coordinator's own arguments (--rpc, --tensor-split, -ngl ...), set by rbee-hive's spawn.
-        return argv + shlex.split(os.environ.get("RBEE_LLAMA_SERVER_ARGS", ""))
+        return argv + extra
 
     async def start(self) -> None:
         """Start llama-server; its output is relayed to ours line by line."""

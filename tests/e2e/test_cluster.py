@@ -24,6 +24,7 @@ import aiohttp
 import psutil
 import pytest
 
+from rbee_tui.cluster.planner import RPC_SERVER_OVERHEAD, MiB, Placement
 from rbee_tui.cluster.runtime import Cluster
 from rbee_tui.config import PoolConfig
 from rbee_tui.errors import RbeeError
@@ -126,6 +127,16 @@ def _rpc_ports(ready: dict[str, Any]) -> set[int]:
     return {int(n["rpc_port"]) for n in ready["nodes"]}
 
 
+PRINTED = MiB // 200  # llama.cpp prints buffer sizes to 0.01 MiB: each logged figure is this close to the bytes
+
+
+def _predicted_buffers(placement: Placement) -> dict[str, int]:
+    """Per pool, the part of the planner's prediction that llama.cpp logs as buffers: everything but the
+    RPC_SERVER_OVERHEAD it adds for each process (ggml-rpc-server on every node, llama-server besides on the head),
+    which no buffer line reports."""
+    return {s.name: s.total_bytes - RPC_SERVER_OVERHEAD * (2 if s.coordinator else 1) for s in placement.shares}
+
+
 async def test_split_over_three_pools_matches_one_worker_and_stops_clean(clients: dict[str, PoolClient]) -> None:
     local = clients["local"]
     # The reference: the same model on one llama-server worker, greedy, same seed.
@@ -148,6 +159,16 @@ async def test_split_over_three_pools_matches_one_worker_and_stops_clean(clients
         # The SSH nodes are reached through relays: the head dials loopback ports that are not the servers' own.
         assert all(n["endpoint"].startswith("127.0.0.1:") for n in ready["nodes"])
         assert await cluster.reported_layers() == planned
+        # Weights and KV cache: what llama.cpp logs for each node is what the planner put there, to the byte
+        # (as printed). The token embeddings are the coordinator's host buffer (CPU_Mapped), not its RPC device's.
+        memory = await cluster.reported_memory()
+        assert set(memory) == {"local", "pool-a", "pool-b"}
+        assert cluster.shape is not None
+        for s in placement.shares:
+            weights = s.weight_bytes - (cluster.shape.input_bytes if s.coordinator else 0)
+            assert abs(memory[s.name]["model"] - weights) <= PRINTED, (s.name, memory[s.name], weights)
+            assert abs(memory[s.name]["KV"] - s.kv_bytes) <= PRINTED, (s.name, memory[s.name], s.kv_bytes)
+        assert abs(memory["local"]["host model"] - cluster.shape.input_bytes) <= PRINTED, memory["local"]
 
         # What llama.cpp reports is what was planned; the text is the single worker's.
         assert await _generate(ready["url"], 24) == expected
@@ -170,6 +191,44 @@ async def test_split_over_three_pools_matches_one_worker_and_stops_clean(clients
     for name, c in clients.items():
         st = await c.hive("rpc", "status")
         assert not st["running"], name
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the planner's compute buffer estimate (fitted on wider models) is 1.8 MiB above the 9.54 MiB llama.cpp "
+    "reserves on each RPC device of this 64-wide model, 2.6 MiB on the output node (no logits term shows there): "
+    "pool-a 12,747,776 B predicted against 10,821,304 B logged (+18 %), pool-b 13,683,456 against 10,926,162 "
+    "(+25 %); local 21,903,200 against 20,017,316 (+9 %, its host buffers match to 0.5 %)",
+)
+async def test_each_node_holds_within_10_percent_of_the_plan(clients: dict[str, PoolClient]) -> None:
+    """After load, the buffers llama.cpp logs for each node (model, KV and compute; on the head also the
+    coordinator's host buffers: CPU_Mapped token embeddings, CPU compute and output) add up to the planner's
+    prediction for that node within 10 %, like with like (see `_predicted_buffers`)."""
+    # Only the 10 % comparison may fail as expected: anything else here fails the test (raises=AssertionError).
+    cluster = _cluster(clients)
+    ready = await cluster.spawn()
+    try:
+        run = cluster.running
+        if run is None:
+            pytest.fail("the cluster is not running after spawn")
+        predicted = _predicted_buffers(run.placement)
+        memory = await cluster.reported_memory()
+    finally:
+        await cluster.stop()
+    try:
+        await until(lambda: not _leftovers(_rpc_ports(ready), cluster.head_info["path"]), 15, "nothing left running")
+    except AssertionError as exc:
+        pytest.fail(str(exc))
+    if set(memory) != set(predicted):
+        pytest.fail(f"buffers logged for {sorted(memory)}, planned for {sorted(predicted)}")
+    reported = {pool: sum(kinds.values()) for pool, kinds in memory.items()}
+    off = {
+        pool: (predicted[pool], reported[pool])
+        for pool in predicted
+        if abs(predicted[pool] - reported[pool]) > 0.10 * reported[pool]
+    }
+    assert not off, f"(predicted, logged) bytes, more than 10 % apart: {off}; logged: {memory}"
 
 
 async def _fail_mid_generation(

@@ -19,6 +19,7 @@ import tomli_w
 from rbee_tui.config import Config, PoolConfig, parse
 from rbee_tui.errors import RbeeError
 from rbee_tui.hive.rpc import build_cache
+from rbee_tui.matrix.plan import plan
 from rbee_tui.matrix.store import Store
 from rbee_tui.tinymodel import TinySpec, write_model
 from tests.support.hub import HubServer
@@ -69,6 +70,22 @@ def test_config_refuses_a_bad_cluster_in_one_line(clusters: Any, message: str) -
 def test_config_refuses_a_bad_cluster_context() -> None:
     with pytest.raises(RbeeError, match=r"matrix.cluster_ctx must be an integer"):
         _config({"clusters": ["local+node2"], "cluster_ctx": 0})
+
+
+def test_plan_adds_a_column_per_cluster_and_skips_what_cannot_run() -> None:
+    catalog = {"models": [{"id": "m", "backends": ["cpu"], "size_bytes": 1, "downloaded": True}]}
+
+    def pool(lost: str = "", plain: bool = True, models: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"backends": ["cpu"], "status": {}, "catalog": models or {}, "lost": lost, "plain": plain}
+
+    pools = {"a": pool(models=catalog), "b": pool(plain=False), "c": pool(lost="connection refused", plain=False)}
+    cells = plan(["m"], pools, [("a", "b"), ("b", "a"), ("a", "c")])
+    by = {c.column: c for c in cells}
+    assert list(by) == ["cpu@a", "rpc@a+b", "rpc@b+a", "rpc@a+c"]  # b and c get no cells of their own
+    assert by["rpc@a+b"].skip == "" and by["rpc@a+b"].members == ("a", "b") and by["rpc@a+b"].is_cluster
+    assert by["rpc@b+a"].skip == "m not registered on the head b"  # the model file is needed on the head only
+    assert by["rpc@a+c"].skip == "pool lost: c: connection refused"
+    assert by["rpc@a+c"].initial_state == "pool lost"
 
 
 # -- a run with a cluster column ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from rbee_tui.hive.workers import group_members
+from rbee_tui.hive.records import group_members
 from rbee_tui.worker.client import classify_health, execute
 
 

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from rbee_tui.catalog import CatalogStore
-from rbee_tui.hive.workers import group_members
+from rbee_tui.hive.records import group_members
 from rbee_tui.tinymodel import TinySpec, write_model
 from tests.conftest import REPO_ROOT, wait_for
 from tests.e2e.test_llama_server import LLAMA_SERVER, needs_binary

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from rbee_tui.catalog import CatalogStore
-from rbee_tui.hive.workers import group_members
+from rbee_tui.hive.records import group_members
 from rbee_tui.worker.client import execute, probe_health
 from tests.conftest import REPO_ROOT, hive_cmd, wait_for
 

@@ -80,6 +80,7 @@ async def test_unknown_host_key_dialog(site: Site, tmp_path: Path) -> None:
     app = RbeeApp(Config(pools=(pool,)), sample_interval=0.5, max_backoff=1)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: isinstance(app.screen, HostKeyDialog), 30, "the host key dialog")
+        await until(pilot, lambda: app.screen.query("Label"), 10, "the dialog drawn")
         text = " ".join(str(w.render()) for w in app.screen.query("Label"))
         assert "SHA256:" in text and "pool-a" in text
         await pilot.pause(0.2)

@@ -241,3 +241,29 @@ def test_a_truncated_gguf_is_a_one_line_error(tmp_path: Path) -> None:
     cut.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(RbeeError, match="truncated or malformed"):
         read_shape(cut)
+
+
+def test_reported_buffers_reads_what_llama_cpp_logs_after_load() -> None:
+    from rbee_tui.cluster.planner import MiB
+    from rbee_tui.cluster.runtime import reported_buffers
+
+    log = [
+        "0.00.071.746 D load_tensors: layer   6 assigned to device RPC1, is_swa = 0",
+        "0.00.092.643 I load_tensors:   CPU_Mapped model buffer size =     0.10 MiB",
+        "0.00.092.644 I load_tensors:   CPU_Mapped model buffer size =     0.40 MiB",  # a second file of the model
+        "0.00.092.670 I load_tensors: RPC0[127.0.0.1:50061] model buffer size =    24.02 MiB",
+        "0.00.092.724 I load_tensors: RPC0[127.0.0.1:50062] model buffer size =    24.41 MiB",
+        "0.00.095.517 I llama_context:        CPU  output buffer size =     0.00 MiB",
+        "0.00.106.617 I llama_kv_cache: RPC0[127.0.0.1:50061] KV buffer size =     8.00 MiB",
+        "0.00.112.085 I llama_kv_cache: size =    1.50 MiB (  2048 cells,   6 layers,  1/1 seqs)",
+        "0.00.148.419 I sched_reserve: RPC0[127.0.0.1:50062] compute buffer size =    24.04 MiB",
+        "0.00.148.497 I sched_reserve:        CPU compute buffer size =    13.05 MiB",
+        "0.00.160.771 I srv    load_model: prompt cache is enabled, size limit: 8192 MiB",
+    ]
+    assert reported_buffers(log) == {
+        "CPU_Mapped": {"model": round(0.50 * MiB)},
+        "RPC0[127.0.0.1:50061]": {"model": round(24.02 * MiB), "KV": 8 * MiB},
+        "RPC0[127.0.0.1:50062]": {"model": round(24.41 * MiB), "compute": round(24.04 * MiB)},
+        "CPU": {"output": 0, "compute": round(13.05 * MiB)},
+    }
+    assert reported_buffers(["nothing here"]) == {}

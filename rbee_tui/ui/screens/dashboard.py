@@ -33,7 +33,7 @@ from rbee_tui.fleet import (
     SampleArrived,
     WorkersChanged,
 )
-from rbee_tui.ui.format import duration
+from rbee_tui.ui.format import duration, gib
 from rbee_tui.ui.screens.dialogs import ClusterDialog, PoolDialog, RegisterDialog, SpawnDialog
 from rbee_tui.ui.widgets.catalog import CatalogPane
 from rbee_tui.ui.widgets.clusters import ClustersPane
@@ -70,9 +70,9 @@ class DashboardScreen(Screen[None]):
 # rbee-tui
 
 Pools are on the left (Enter or a click goes into the pool's panes); the selected pool's **Catalog**,
-**Downloads**, **Workers** and **Gauges** on the right. A pane's keys work while its table has the focus
-(`1`-`4` show a pane and focus it). Everything also works with the mouse, and **Ctrl+P** finds any action of
-the screen in view.
+**Downloads**, **Workers** and **Gauges** on the right, and the **Clusters** this dashboard runs (models
+split over several pools). A pane's keys work while its table has the focus (`1`-`5` show a pane and focus
+it). Everything also works with the mouse, and **Ctrl+P** finds any action of the screen in view.
 """
 
     app: RbeeApp
@@ -252,7 +252,9 @@ the screen in view.
             rss = live.rss_bytes if live else w.get("rss_bytes")
             vram = live.vram_bytes if live else None
             tps = self.fleet.last_tps.get((self.selected, w["id"], w["started_at"]))
-            state = w["state"] if w["state"] != "exited" else f"exited ({w.get('reason', '')[:40]})"
+            # The full reason is in the log (l); the table keeps its columns on screen.
+            reason = str(w.get("reason", "")).split(":")[0]
+            state = w["state"] if w["state"] != "exited" else f"exited ({reason[:20]})" if reason else "exited"
             cells = (
                 w["id"],
                 w["model"],
@@ -316,7 +318,7 @@ the screen in view.
         nodes = []
         for n in d.get("nodes", []):
             sample = self.fleet.client(n["pool"]).view.last_sample if n["pool"] in self.fleet.clients else None
-            now = f"{human_size(sample.ram.used)} / {human_size(sample.ram.total)}" if sample else "-"
+            now = f"{gib(sample.ram.used)} / {gib(sample.ram.total)}" if sample else "-"  # as the gauges say it
             role = ", ".join(r for r, on in (("coordinator", n.get("coordinator")), ("output", n.get("output"))) if on)
             cells = (
                 n["pool"],

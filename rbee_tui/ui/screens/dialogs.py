@@ -193,8 +193,13 @@ class ConfirmDialog(Dialog):
             yield from self.buttons(self.ok, danger=self.safe_first)
 
     def on_mount(self) -> None:
-        # What Enter does at once: the safe answer for what cannot be undone.
-        self.query_one("#cancel" if self.safe_first else "#ok", Button).focus()
+        # What Enter does at once: the safe answer for what cannot be undone. After the first refresh: a dialog
+        # pushed while the app is busy may be mounted before its buttons are.
+        self.call_after_refresh(self._focus_answer)
+
+    def _focus_answer(self) -> None:
+        for button in self.query("#cancel" if self.safe_first else "#ok").results(Button):
+            button.focus()
 
     def submit(self) -> None:
         self.dismiss(True)

@@ -107,9 +107,9 @@ class MatrixScreen(Screen[None]):
     BINDINGS = [
         Binding("escape", "dismiss", "Back"),
         Binding("a", "run_all", "Run all"),
-        Binding("r", "run_row", "Run row"),
-        Binding("c", "run_column", "Run column"),
-        Binding("enter", "run_cell", "Run cell"),
+        Binding("r", "run_row", "Run row", show=False),  # in help and the palette: the footer fits 80 columns
+        Binding("c", "run_column", "Run column", show=False),
+        Binding("enter", "run_cell", "Run cell", show=False),
         Binding("x", "cancel", "Cancel run"),
         Binding("f", "retry_failed", "Retry failed"),
         Binding("delete,backspace", "clear", "Clear"),

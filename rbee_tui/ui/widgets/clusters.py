@@ -14,7 +14,9 @@ from textual.widgets import DataTable
 from rbee_tui.ui.widgets.line import Line
 from rbee_tui.ui.widgets.tables import cursor_key, sync_rows
 
-CLUSTER_COLUMNS = ("Model", "State", "Head", "Port", "Nodes", "Policy", "Context")
+# The port is on this machine (the cluster's front, which watches requests): the coordinator's own port on the
+# head is in the Workers pane.
+CLUSTER_COLUMNS = ("Model", "State", "Head", "Port here", "Nodes", "Policy", "Context")
 NODE_COLUMNS = ("Pool", "Layers", "Share", "Planned", "Node RAM now", "RPC port", "Role")
 
 
