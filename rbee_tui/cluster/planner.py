@@ -212,14 +212,17 @@ def compute_bytes(shape: ModelShape, ctx: int, output: bool) -> int:
 
     Fitted to what llama-server logs (`sched_reserve: ... compute buffer size`) for generated models of several
     widths and contexts (docs/cluster.md): five f32 vectors of n_embd and three of n_ff per token of the ubatch,
-    8 bytes per token and KV cell for the attention mask, 2 MiB besides; on the output device the f32 logits
+    8 bytes per token and KV cell for the attention mask, up to 2 MiB besides; on the output device the f32 logits
     of every token of the ubatch. Flash attention is on for RPC devices (they claim every op,
     ggml/src/ggml-rpc/ggml-rpc.cpp:2216-2221), so no n_head x n_ctx score matrix is counted.
     """
     activations = 4 * UBATCH * (5 * shape.n_embd + 3 * shape.n_ff)
     mask = 8 * UBATCH * _pad(ctx, CTX_PAD)
     logits = 4 * UBATCH * shape.n_vocab if output else 0
-    return activations + mask + logits + 2 * MiB + RPC_SERVER_OVERHEAD
+    # What is left beyond activations and mask: 2 MiB from n_embd 512 up (nine logged models), but only
+    # 0.17 MiB at n_embd 64; two more f32 vectors of n_embd per ubatch token, capped at 2 MiB, fits both.
+    rest = min(2 * MiB, 4 * UBATCH * (2 * shape.n_embd + 20))
+    return activations + mask + logits + rest + RPC_SERVER_OVERHEAD
 
 
 def coordinator_bytes(shape: ModelShape, ctx: int) -> int:

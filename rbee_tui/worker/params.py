@@ -97,7 +97,7 @@ PARAMS: tuple[Param, ...] = (
         CHAT,
         IGNORED,
         IGNORED,
-        "llama-cpp-python starts each request from a clean cache; llama-server reuses the last prompt's prefix",
+        "both start each request from a clean cache (the proxy turns llama-server's prompt cache off)",
         "k",
     ),
     _p("reasoning_effort", CHAT, SUPPORTED, SUPPORTED, "passed to the chat template, as llama-server does", "low"),

@@ -51,6 +51,9 @@ def openai_body(checked: Checked, body: dict[str, Any]) -> dict[str, Any]:
     # could not stop it. A whole answer is put together here (Answers.whole).
     out: dict[str, Any] = {"max_tokens": req.max_tokens, **_sampling(req), "stream": True}
     out["stream_options"] = {"include_usage": True}
+    # A clean cache per request, as the embedded engine has: reusing the last prompt's prefix changes the
+    # batches, so the same seeded request could answer differently (and stale state is the seeds' regression).
+    out["cache_prompt"] = False
     out.update({k: body[k] for k in _PASSED if body.get(k) is not None})
     if checked.kind != CHAT:
         out["prompt"] = req.prompt

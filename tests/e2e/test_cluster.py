@@ -193,14 +193,6 @@ async def test_split_over_three_pools_matches_one_worker_and_stops_clean(clients
         assert not st["running"], name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the planner's compute buffer estimate (fitted on wider models) is 1.8 MiB above the 9.54 MiB llama.cpp "
-    "reserves on each RPC device of this 64-wide model, 2.6 MiB on the output node (no logits term shows there): "
-    "pool-a 12,747,776 B predicted against 10,821,304 B logged (+18 %), pool-b 13,683,456 against 10,926,162 "
-    "(+25 %); local 21,903,200 against 20,017,316 (+9 %, its host buffers match to 0.5 %)",
-)
 async def test_each_node_holds_within_10_percent_of_the_plan(clients: dict[str, PoolClient]) -> None:
     """After load, the buffers llama.cpp logs for each node (model, KV and compute; on the head also the
     coordinator's host buffers: CPU_Mapped token embeddings, CPU compute and output) add up to the planner's

@@ -106,7 +106,7 @@ async def test_a_spawn_waits_on_the_node_and_a_cancelled_one_leaves_no_worker(cl
     w = await a.spawn_worker("cpu", "tiny-test", on_spawned=spawned.append)
     # Two calls, spawn and `worker wait` (the node watches the worker's readiness): no polling of the list.
     assert a.agent.calls - calls == 2
-    assert [x["id"] for x in spawned] == [w["id"]] and spawned[0]["state"] in ("starting", "loading")
+    assert [x["id"] for x in spawned] == [w["id"]] and spawned[0]["state"] in ("starting", "loading", "ready")
     assert w["state"] == "ready" and w["ready_after_s"] > 0
     assert [(x["id"], x["state"]) for x in a.view.workers] == [(w["id"], "ready")]  # listed without a new read
     await a.stop_worker(w["id"])
