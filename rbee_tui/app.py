@@ -22,6 +22,7 @@ from rbee_tui.fleet import (
     Fleet,
     FleetEvent,
     MatrixChanged,
+    NoticeReported,
     PoolStateChanged,
     SampleArrived,
     WorkersChanged,
@@ -165,6 +166,9 @@ class RbeeApp(App[None]):
         match event:
             case ErrorReported(text=text):
                 self.report(text)
+                return
+            case NoticeReported(text=text):
+                self.notify(text, severity="warning", timeout=12)
                 return
             case ClusterChanged():
                 self.dashboard.apply(event)

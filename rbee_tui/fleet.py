@@ -101,6 +101,13 @@ class ClusterChanged:
 
 
 @dataclass(frozen=True)
+class NoticeReported:
+    """Something the user should know that is not a failure (a cluster restarted on other nodes, say)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class MatrixChanged:
     """A job board cell changed (`key`), or the whole board (None)."""
 
@@ -116,6 +123,7 @@ FleetEvent = (
     | ErrorReported
     | MatrixChanged
     | ClusterChanged
+    | NoticeReported
 )
 
 
@@ -142,6 +150,7 @@ class Fleet:
             lambda: self.clients,
             lambda model: self.on_event(ClusterChanged(model)),
             lambda text: self.on_event(ErrorReported(text)),
+            lambda text: self.on_event(NoticeReported(text)),
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._spawns: set[asyncio.Task[Any]] = set()

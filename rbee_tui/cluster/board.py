@@ -26,10 +26,12 @@ class ClusterBoard:
         clients: Callable[[], dict[str, PoolClient]],
         on_change: Callable[[str], None],
         on_error: Callable[[str], None],
+        on_notice: Callable[[str], None] = lambda text: None,
     ) -> None:
         self._clients = clients
         self._on_change = on_change
         self._on_error = on_error
+        self._on_notice = on_notice
         self.clusters: dict[str, Cluster] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping: dict[str, asyncio.Event] = {}
@@ -47,6 +49,8 @@ class ClusterBoard:
     def _event(self, model: str, doc: dict[str, Any]) -> None:
         if doc.get("event") in ("failed", "restart_refused", "restart_failed"):
             self._on_error(f"cluster {model}: {doc['event'].replace('_', ' ')}: {doc.get('reason', '')}")
+        elif doc.get("event") == "restarted":  # what the watcher did, in its words
+            self._on_notice(f"cluster {model}: {doc.get('reason', 'restarted')}")
         self._on_change(model)
 
     async def plan(self, model: str, pools: list[str], ctx: int = 2048, spread: bool = False) -> Placement:

@@ -92,3 +92,15 @@ async def test_spawn_a_cluster_from_the_dashboard_and_see_its_nodes(
         await pilot.click("#ok")
         await until(pilot, lambda: not app.fleet.clusters.running(MODEL), 60, "the cluster to stop")
         assert rows(app, "#clusters")[0][1] == "stopped"
+
+
+async def test_the_cluster_form_warns_about_a_pool_with_a_direct_rpc_link(models_dir: Path) -> None:
+    config = Config(pools=(PoolConfig(name="local", models_dir=str(models_dir), rpc_host="127.0.0.1"),))
+    app = RbeeApp(config)
+    async with app.run_test(size=(140, 50)) as pilot:
+        await until(pilot, lambda: app.fleet.client("local").view.state == "connected", 30, "the pool")
+        await pilot.press("5", "n")
+        await until(pilot, lambda: isinstance(app.screen, ClusterDialog), 10, "the dialog")
+        await until(pilot, lambda: app.screen.query("#cl-warning"), 10, "the warning")
+        text = str(app.screen.query_one("#cl-warning").render())
+        assert "local" in text and "no authentication" in text

@@ -357,7 +357,8 @@ it). Everything also works with the mouse, and **Ctrl+P** finds any action of th
             self.focus_pane("clusters")
             self.app.notify(f"starting a cluster of {choice['model']} over {', '.join(choice['pools'])}")
 
-        self.app.push_screen(ClusterDialog(head, models, pools), done)
+        direct = [p for p in pools if self.fleet.client(p).pool.rpc_host]
+        self.app.push_screen(ClusterDialog(head, models, pools, direct), done)
 
     @on(ClustersPane.StopAsked)
     def _stop_cluster(self, message: ClustersPane.StopAsked) -> None:

@@ -303,9 +303,12 @@ class ClusterDialog(Dialog):
 
         choice: dict[str, Any]
 
-    def __init__(self, head: str, models: list[dict[str, Any]], pools: list[str]) -> None:
+    def __init__(
+        self, head: str, models: list[dict[str, Any]], pools: list[str], direct: list[str] | None = None
+    ) -> None:
         super().__init__()
         self.head, self.models, self.pools = head, models, pools
+        self.direct = direct or []  # pools with rpc_host: their RPC link skips SSH
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog"):
@@ -324,6 +327,13 @@ class ClusterDialog(Dialog):
                 ("spread over every pool, by free memory", "spread"),
             ]
             yield from self.field("Placement", Select(policies, value="fewest", allow_blank=False, id="cl-policy"))
+            if self.direct:
+                yield Static(
+                    f"Warning: {', '.join(self.direct)} set rpc_host: their RPC server listens on that address, "
+                    "with no authentication and no encryption. Anyone who reaches it can use the node's memory "
+                    "and compute and read what passes. Use it only on a network you trust.",
+                    id="cl-warning",
+                )
             yield Static("Plan shows what goes where before anything starts.", id="cl-plan")
             yield Static("", id="dialog-error")
             with Horizontal(classes="dialog-buttons"):
