@@ -15,7 +15,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -297,18 +296,8 @@ def _start(
         # ggml-rpc-server prints its devices with printf and flushes only on a client: line-buffer its stdout.
         stdbuf = shutil.which("stdbuf")
         command = [stdbuf, "-oL", *argv] if stdbuf else argv
-        full = [sys.executable, "-m", "rbee_tui.hive.supervise", str(exit_file), "--", *command]
-        with open(log_path, "wb") as log_fh:
-            log_fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} rpc start: {' '.join(argv)}\n".encode())
-            log_fh.flush()
-            pid = subprocess.Popen(
-                full,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-            ).pid
+        with workers.new_log(log_path, "rpc start", argv) as log_fh:
+            pid = workers.start_supervised(command, exit_file, log_fh, env)
         record = WorkerRecord(
             id=RPC_ID,
             pid=pid,

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psutil
 
@@ -172,7 +172,6 @@ def spawn(
         exit_file.unlink(missing_ok=True)
         argv = _command(wid, entry, backend, gpu, host, chosen_port, engine, n_ctx, llama_server)
         argv += ["--fd", str(sock.fileno())]
-        full = [sys.executable, "-m", "rbee_tui.hive.supervise", str(exit_file), "--", *argv]
         env = os.environ.copy()
         env["PYTHONUNBUFFERED"] = "1"
         if server_args:
@@ -182,23 +181,11 @@ def spawn(
         if backend == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not grab GPU memory
         forked = warm.can_fork(argv, backend)
-        with open(log_path, "wb") as log_fh:  # a new worker reusing an id starts a new log
-            how = "spawn (forked warm)" if forked else "spawn"
-            log_fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {how}: {' '.join(argv)}\n".encode())
-            log_fh.flush()
-            keep = sock.fileno()
+        with new_log(log_path, "spawn (forked warm)" if forked else "spawn", argv) as log_fh:
             if forked:
                 pid = warm.fork_worker(argv, str(exit_file), log_fh.fileno(), env)
             else:
-                pid = subprocess.Popen(
-                    full,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_fh,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    pass_fds=(keep,),
-                    env=env,
-                ).pid
+                pid = start_supervised(argv, exit_file, log_fh, env, pass_fds=(sock.fileno(),))
         sock.close()  # the worker holds it now
         record = WorkerRecord(
             id=wid,
@@ -219,6 +206,32 @@ def spawn(
         )
         registry.write([*records, record])
     return record
+
+
+@contextlib.contextmanager
+def new_log(path: Path, how: str, argv: list[str]) -> Iterator[BinaryIO]:
+    """A process's log, started afresh (a new process reusing an id gets a log of its own) with a header line."""
+    with open(path, "wb") as fh:
+        fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {how}: {' '.join(argv)}\n".encode())
+        fh.flush()
+        yield fh
+
+
+def start_supervised(
+    argv: list[str], exit_file: Path, log_fh: BinaryIO, env: dict[str, str], pass_fds: tuple[int, ...] = ()
+) -> int:
+    """Start `argv` under the supervisor (hive/supervise.py: it leads its own process group and records the
+    exit), its output in `log_fh`; the supervisor's pid."""
+    full = [sys.executable, "-m", "rbee_tui.hive.supervise", str(exit_file), "--", *argv]
+    return subprocess.Popen(
+        full,
+        stdin=subprocess.DEVNULL,
+        stdout=log_fh,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        pass_fds=pass_fds,
+        env=env,
+    ).pid
 
 
 def wait_ready(record: WorkerRecord, timeout: float = 300.0, interval: float = 0.02) -> dict[str, Any]:

@@ -198,23 +198,10 @@ class MatrixRunner:
                 raise RbeeError(f"another worker ({health.get('model')}) answers on port {w['port']}")
             second, _ = await self._generate(url, w["engine"])
             self._update(run_id, job_id, "verifying", **measured)
-            measured.update(
-                ttft_ms=first["ttft_ms"],
-                pp_avg_ts=first["prompt_tokens_per_sec"],
-                avg_ts=first["tokens_per_sec"],
-                n_prompt=first["prompt_tokens"],
-                n_gen=first["tokens_generated"],
-                n_gpu_layers=0 if cell.backend == "cpu" else 99,
-                build_commit=f"{w['engine']} {health.get('engine_version', '')}".strip(),
-            )
-            if first["tokens_generated"] <= 0:
-                raise RbeeError("no tokens were generated")
-            if first["text"] != second["text"]:
-                raise RbeeError("the same seed gave different text on the second run")
-            # One reading at the end too, so a job shorter than a sampling interval still has its memory.
-            for row in await client.workers():
-                if row["id"] == worker_id[0] and row.get("rss_bytes"):
-                    peaks["peak_rss"] = max(peaks["peak_rss"], row["rss_bytes"])
+            n_gpu_layers = 0 if cell.backend == "cpu" else 99
+            build = f"{w['engine']} {health.get('engine_version', '')}"
+            _record_runs(measured, first, second, n_gpu_layers, build)
+            await _last_rss(client, worker_id[0], peaks)
             measured.update({k: v for k, v in peaks.items() if v})
             # The log of a passed job is kept too: its details show how the worker loaded.
             self._update(run_id, job_id, "passed", "", await self._log_tail(client, worker_id[0]), **measured)
@@ -327,22 +314,9 @@ class MatrixRunner:
             marks.append(self._bytes(cluster))
             second, _ = await self._generate(ready["url"], "llama-server")
             self._update(run_id, job_id, "verifying", **measured)
-            measured.update(
-                ttft_ms=first["ttft_ms"],
-                pp_avg_ts=first["prompt_tokens_per_sec"],
-                avg_ts=first["tokens_per_sec"],
-                n_prompt=first["prompt_tokens"],
-                n_gen=first["tokens_generated"],
-                n_gpu_layers=placement.n_layer + 1,
-                build_commit=f"llama-server {cluster.head_info.get('build', '')}".strip(),
-            )
-            if first["tokens_generated"] <= 0:
-                raise RbeeError("no tokens were generated")
-            if first["text"] != second["text"]:
-                raise RbeeError("the same seed gave different text on the second run")
-            for row in await head.workers():
-                if row["id"] == coordinator[0] and row.get("rss_bytes"):
-                    peaks["peak_rss"] = max(peaks["peak_rss"], row["rss_bytes"])
+            build = f"llama-server {cluster.head_info.get('build', '')}"
+            _record_runs(measured, first, second, placement.n_layer + 1, build)
+            await _last_rss(head, coordinator[0], peaks)
             # prefill: from the request to the first token; decode: from the first token to the end
             start, first_token, end = marks[0], marks[1] if len(marks) > 2 else marks[-1], marks[-1]
             per_node = self._nodes(cluster, nodes, at_load, start, first_token, end)
@@ -452,3 +426,30 @@ class MatrixRunner:
             doc = await client.hive("worker", "logs", worker_id, "--lines", "10")
             return "\n".join(doc.get("lines", []))
         return ""
+
+
+def _record_runs(
+    measured: dict[str, Any], first: dict[str, Any], second: dict[str, Any], n_gpu_layers: int, build: str
+) -> None:
+    """Record the first run's measurements (kept even when the cell fails), then check both runs: tokens came,
+    and the same seed gave the same text."""
+    measured.update(
+        ttft_ms=first["ttft_ms"],
+        pp_avg_ts=first["prompt_tokens_per_sec"],
+        avg_ts=first["tokens_per_sec"],
+        n_prompt=first["prompt_tokens"],
+        n_gen=first["tokens_generated"],
+        n_gpu_layers=n_gpu_layers,
+        build_commit=build.strip(),
+    )
+    if first["tokens_generated"] <= 0:
+        raise RbeeError("no tokens were generated")
+    if first["text"] != second["text"]:
+        raise RbeeError("the same seed gave different text on the second run")
+
+
+async def _last_rss(client: PoolClient, worker_id: str, peaks: dict[str, Any]) -> None:
+    """One reading at the end too, so a job shorter than a sampling interval still has its memory."""
+    for row in await client.workers():
+        if row["id"] == worker_id and row.get("rss_bytes"):
+            peaks["peak_rss"] = max(peaks["peak_rss"], row["rss_bytes"])

@@ -291,11 +291,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     """GET /v1/models: the one model this worker serves."""
     worker = request.app[WORKER]
+    return model_list(worker.model_id, worker.started)
+
+
+def model_list(model_id: str, started: float) -> web.Response:
+    """The /v1/models answer for a worker serving `model_id` since `started` (both engines)."""
     return web.json_response(
-        {
-            "object": "list",
-            "data": [{"id": worker.model_id, "object": "model", "created": int(worker.started), "owned_by": "rbee"}],
-        }
+        {"object": "list", "data": [{"id": model_id, "object": "model", "created": int(started), "owned_by": "rbee"}]}
     )
 
 

@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import uuid
@@ -30,20 +29,17 @@ from aiohttp import web
 
 from rbee_tui import __version__
 from rbee_tui.errors import RbeeError
-from rbee_tui.worker.openai_api import openai_error
+from rbee_tui.worker.openai_api import model_list, openai_error
 from rbee_tui.worker.openai_check import check_chat, check_completion
 from rbee_tui.worker.params import CHAT, COMPLETIONS, SERVER
 from rbee_tui.worker.proxy_jobs import Job, Queue
 from rbee_tui.worker.relay import Answers, Tokens, execute_body, openai_body, sse_data, upstream_error
 from rbee_tui.worker.requests import BadRequest, build_request, job_id
-from rbee_tui.worker.settings import listen
+from rbee_tui.worker.settings import EXIT_BIND_FAILED, EXIT_ENGINE_ENDED, EXIT_LOAD_FAILED, announce, fail, listen
 from rbee_tui.worker.sse import MAX_BODY, last_resort, open_stream, read_body, sse
 from rbee_tui.worker.upstream import LlamaServer, ended
 
 log = logging.getLogger("rbee-worker")
-EXIT_LOAD_FAILED = 2
-EXIT_BIND_FAILED = 3
-EXIT_ENGINE_ENDED = 4
 DEFAULT_CTX = 4096  # as the embedded engine: a model's training context would reserve gigabytes of KV cache
 
 
@@ -311,12 +307,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     """GET /v1/models: the one model this worker serves."""
     worker = request.app[PROXY]
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [{"id": worker.model_id, "object": "model", "created": int(worker.started), "owned_by": "rbee"}],
-        }
-    )
+    return model_list(worker.model_id, worker.started)
 
 
 def build_app(worker: ProxyWorker) -> web.Application:
@@ -333,14 +324,6 @@ def build_app(worker: ProxyWorker) -> web.Application:
 
 
 # -- process ----------------------------------------------------------------------------------------------
-
-
-def _fail(code: int, message: str) -> int:
-    # One line, no traceback: rbee-hive shows it as the reason.
-    log.error("%s", message)
-    sys.stderr.write(f"rbee-worker: error: {message}\n")
-    sys.stderr.flush()
-    return code
 
 
 def model_context(path: str) -> int:
@@ -361,37 +344,26 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         check_gguf_header(args.model)
     except RbeeError as exc:
-        return _fail(EXIT_LOAD_FAILED, f"cannot load the model: {exc.message}")
+        return fail(EXIT_LOAD_FAILED, f"cannot load the model: {exc.message}")
     from rbee_tui.worker.upstream import find_llama_server
 
     try:
         binary = find_llama_server(args.llama_server)
     except RbeeError as exc:
-        return _fail(EXIT_LOAD_FAILED, str(exc))
+        return fail(EXIT_LOAD_FAILED, str(exc))
     server = LlamaServer(binary, args.model, args.n_ctx or model_context(args.model), args.backend, args.gpu)
     model_id = args.model_id or os.path.basename(args.model)
     worker = ProxyWorker(server, model_id, args.worker_id or f"worker-{os.getpid()}", args.backend, args.gpu)
     # A client that goes away cancels its handler, and with it the llama-server request it was waiting on.
     runner = await listen(build_app(worker), args, handler_cancellation=True)
     if isinstance(runner, str):
-        return _fail(EXIT_BIND_FAILED, runner)
-    log.info(
-        "rbee-worker %s listening on http://%s:%d (pid %d, model %s, engine llama-server)",
-        __version__,
-        args.host,
-        args.port,
-        os.getpid(),
-        args.model,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        return fail(EXIT_BIND_FAILED, runner)
+    stop = announce(args, __version__, ", engine llama-server")
     code = 0
     try:
         await server.start()
     except OSError as exc:
-        code = _fail(EXIT_LOAD_FAILED, f"cannot start llama-server ({binary}): {exc.strerror or exc}")
+        code = fail(EXIT_LOAD_FAILED, f"cannot start llama-server ({binary}): {exc.strerror or exc}")
     else:
         log.info("llama-server pid %d on %s: %s", server.pid, server.url, " ".join(server.argv()))
         code = await _run(worker, stop)
@@ -415,13 +387,13 @@ async def _run(worker: ProxyWorker, stop: asyncio.Event) -> int:
         await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not stopped.done() and (exc := load.exception()) is not None:
             worker.status = "failed"
-            return _fail(EXIT_LOAD_FAILED, f"cannot load the model: {exc}")
+            return fail(EXIT_LOAD_FAILED, f"cannot load the model: {exc}")
         await asyncio.wait({died, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if stopped.done():
             log.info("stopping: %d job(s) cancelled", len(worker.queue))
             return 0
         worker.status = "failed"
-        return _fail(EXIT_ENGINE_ENDED, f"llama-server ended ({ended(died.result())}): {worker.server.reason()}")
+        return fail(EXIT_ENGINE_ENDED, f"llama-server ended ({ended(died.result())}): {worker.server.reason()}")
     finally:
         for task in (load, died, stopped):
             task.cancel()

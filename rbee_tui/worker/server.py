@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 import uuid
 
@@ -22,13 +21,19 @@ from rbee_tui.worker import openai_api
 from rbee_tui.worker.engines import LlamaCppEngine
 from rbee_tui.worker.jobs import WORKER, Job, JobDone, JobFailed, TokenOut, Worker, events
 from rbee_tui.worker.requests import BadRequest, build_request, job_id
-from rbee_tui.worker.settings import build_parser, listen, setup_logging
+from rbee_tui.worker.settings import (
+    EXIT_BIND_FAILED,
+    EXIT_LOAD_FAILED,
+    announce,
+    build_parser,
+    fail,
+    listen,
+    setup_logging,
+)
 from rbee_tui.worker.sse import MAX_BODY, last_resort, open_stream, read_body, sse
 
 __all__ = ["Job", "Worker", "build_app", "main"]
 log = logging.getLogger("rbee-worker")
-EXIT_LOAD_FAILED = 2
-EXIT_BIND_FAILED = 3
 
 
 # -- HTTP -------------------------------------------------------------------------------------------------
@@ -107,14 +112,6 @@ def build_app(worker: Worker) -> web.Application:
 # -- process ----------------------------------------------------------------------------------------------
 
 
-def _fail(code: int, message: str) -> int:
-    # One line, no traceback: rbee-hive shows the last line of the log as the reason.
-    log.error("%s", message)
-    sys.stderr.write(f"rbee-worker: error: {message}\n")
-    sys.stderr.flush()
-    return code
-
-
 async def serve(args: argparse.Namespace) -> int:
     """Listen, load, serve until SIGTERM/SIGINT; return the exit status."""
     from rbee_tui.gguf_file import check_header as check_gguf_header
@@ -122,31 +119,20 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         check_gguf_header(args.model)
     except RbeeError as exc:
-        return _fail(EXIT_LOAD_FAILED, f"cannot load the model: {exc.message}")
+        return fail(EXIT_LOAD_FAILED, f"cannot load the model: {exc.message}")
     engine = LlamaCppEngine(args.model, args.backend, args.gpu, args.n_ctx, verbose=args.verbose)
     worker = Worker(engine, args.model_id or os.path.basename(args.model), args.worker_id or f"worker-{os.getpid()}")
     runner = await listen(build_app(worker), args)
     if isinstance(runner, str):
-        return _fail(EXIT_BIND_FAILED, runner)
-    log.info(
-        "rbee-worker %s listening on http://%s:%d (pid %d, model %s)",
-        __version__,
-        args.host,
-        args.port,
-        os.getpid(),
-        args.model,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        return fail(EXIT_BIND_FAILED, runner)
+    stop = announce(args, __version__)
     queue_task = asyncio.create_task(worker.run_queue())
     load_task = asyncio.create_task(worker.load())
     stop_task = asyncio.create_task(stop.wait())
     await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if worker.status == "failed":
-        code = _fail(EXIT_LOAD_FAILED, f"cannot load the model: {worker.load_error}")
+        code = fail(EXIT_LOAD_FAILED, f"cannot load the model: {worker.load_error}")
     else:
         await stop_task
         log.info("stopping: %d job(s) cancelled", len(worker.jobs))

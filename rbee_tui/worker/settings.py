@@ -4,12 +4,27 @@ proxy)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
+import signal
 import sys
 import time
 from typing import Any
 
 from aiohttp import web
+
+EXIT_LOAD_FAILED = 2  # the model could not be loaded (or llama-server not started)
+EXIT_BIND_FAILED = 3  # the port could not be bound
+EXIT_ENGINE_ENDED = 4  # llama-server died under the proxy
+
+
+def fail(code: int, message: str) -> int:
+    """Say why the worker ends in one line, no traceback (rbee-hive shows it as the reason); return `code`."""
+    logging.getLogger("rbee_tui.worker").error("%s", message)
+    sys.stderr.write(f"rbee-worker: error: {message}\n")
+    sys.stderr.flush()
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,3 +79,21 @@ async def listen(app: web.Application, args: argparse.Namespace, **runner_option
         await runner.cleanup()
         return f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
     return runner
+
+
+def announce(args: argparse.Namespace, version: str, engine_note: str = "") -> asyncio.Event:
+    """Log where the worker listens and return the event SIGTERM/SIGINT set (the worker's way to stop)."""
+    logging.getLogger("rbee_tui.worker").info(
+        "rbee-worker %s listening on http://%s:%d (pid %d, model %s%s)",
+        version,
+        args.host,
+        args.port,
+        os.getpid(),
+        args.model,
+        engine_note,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -69,7 +69,6 @@ class PoolList(ListView):
 
     def __init__(self, pools: list[str]) -> None:
         self._items = {p: PoolItem(p) for p in pools}  # looked up on every sample: a query each time was costly
-        self._order = list(pools)
         self._hidden_stale: set[str] = set()  # rows updated while scrolled out of view
         super().__init__(*self._items.values(), id="pools")
 
@@ -81,7 +80,7 @@ class PoolList(ListView):
         updating a hidden row still made Textual rebuild its map of the screen, which a keypress waited for."""
         if not self.size.height or pool not in self._items:
             return True  # not laid out yet: draw everything
-        top = self._order.index(pool) * self.ROW_HEIGHT
+        top = list(self._items).index(pool) * self.ROW_HEIGHT  # rows are in the dict's order
         inside = self.scroll_y - self.ROW_HEIGHT < top < self.scroll_y + self.size.height
         if not inside:
             self._hidden_stale.add(pool)
@@ -104,7 +103,6 @@ class PoolList(ListView):
     def add(self, pool: str) -> None:
         """Add a row for a new pool."""
         self._items[pool] = PoolItem(pool)
-        self._order.append(pool)
         self.append(self._items[pool])
 
 
