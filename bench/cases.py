@@ -711,6 +711,20 @@ def cluster(smoke: bool) -> Iterator[dict[str, Any]]:
     yield from run(smoke)
 
 
+def capacity(smoke: bool) -> Iterator[dict[str, Any]]:
+    """The concurrency sweep per engine: aggregate tokens/s at 4 streams against 1 (bench/capacity.py)."""
+    from bench.capacity import capacity as run
+
+    yield from run(smoke)
+
+
+def gateway(smoke: bool) -> Iterator[dict[str, Any]]:
+    """What `rbee-tui gateway` adds to a stream against the worker called directly, and its rate (bench/gateway.py)."""
+    from bench.gateway import gateway as run
+
+    yield from run(smoke)
+
+
 ALL: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
     "worker": worker_overhead,
     "readiness": readiness,
@@ -720,4 +734,6 @@ ALL: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
     "dashboard": dashboard,
     "downloads": downloads,
     "cluster": cluster,
+    "gateway": gateway,
+    "capacity": capacity,
 }

@@ -1,6 +1,7 @@
 """The dashboard under load: `python -m bench.dashboard --pools 32 --workers 8` runs the real app on this terminal,
 fed through the pool clients' own event path by synthetic pools that each send a metrics sample a second
 (with GPUs and workers) instead of reaching a machine. The benchmark drives it from a pseudo-terminal.
+`--profile SECONDS` runs it headless instead and counts the messages Textual handles, by kind and sender.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import copy
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from textual.message import Message  # noqa: E402
 
 from rbee_tui.app import RbeeApp  # noqa: E402
 from rbee_tui.config import Config, PoolConfig  # noqa: E402
@@ -138,12 +142,46 @@ class LoadedApp(RbeeApp):
         await super().on_unmount()
 
 
+async def profile(config: Config, workers: int, seconds: float, size: tuple[int, int] = (160, 50)) -> str:
+    """Run the loaded app headless while moving through the pool list four times a second; say which messages
+    Textual handled, per second, by kind and by the widget that sent them, and the app's CPU share."""
+    counts: Counter[tuple[str, str]] = Counter()
+    counting = False
+
+    def hook(message: Message) -> None:
+        if counting:
+            counts[(type(message).__name__, type(message._sender).__name__)] += 1
+
+    app = LoadedApp(config, workers)
+    async with app.run_test(size=size, message_hook=hook):
+        await asyncio.sleep(3)  # every pool has sent a sample or two
+        counting = True
+        t0, c0 = time.perf_counter(), time.process_time()
+        at, step, presses = 0, 1, 0
+        while time.perf_counter() - t0 < seconds:
+            if not 0 <= at + step < len(config.pools):
+                step = -step
+            at += step
+            await app._press_keys(["down" if step > 0 else "up"])  # what Pilot.press does, without its waits
+            presses += 1
+            await asyncio.sleep(0.25)
+        took, cpu = time.perf_counter() - t0, time.process_time() - c0
+        counting = False
+    lines = [f"{took:.1f} s, {presses} presses, CPU {100 * cpu / took:.1f} % of a core; messages per second:"]
+    lines += [f"{n / took:8.1f}  {kind} from {sender}" for (kind, sender), n in counts.most_common(20)]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.dashboard", description=__doc__)
     ap.add_argument("--pools", type=int, default=32)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--profile", type=float, metavar="SECONDS", help="run headless and count Textual's messages")
     args = ap.parse_args()
     pools = tuple(PoolConfig(name=f"pool-{i:02d}", models_dir=f"/nonexistent/{i}") for i in range(args.pools))
+    if args.profile:
+        print(asyncio.run(profile(Config(pools=pools), args.workers, args.profile)))
+        return 0
     LoadedApp(Config(pools=pools), args.workers).run()
     return 0
 

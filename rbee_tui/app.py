@@ -28,6 +28,7 @@ from rbee_tui.fleet import (
     WorkersChanged,
 )
 from rbee_tui.themes import THEME_NAMES, THEMES, stylesheets
+from rbee_tui.ui.screens.capacity import CapacityScreen
 from rbee_tui.ui.screens.dashboard import DashboardScreen
 from rbee_tui.ui.screens.dialogs import ClusterDialog, ConfirmDialog, HostKeyDialog
 from rbee_tui.ui.screens.info import ErrorLogScreen, HelpScreen, OverviewScreen, WorkerLogScreen
@@ -176,6 +177,8 @@ class RbeeApp(App[None]):
             case MatrixChanged(key=key):
                 if isinstance(self.screen, MatrixScreen):
                     self.screen.update_cell(key)
+                elif isinstance(self.screen, CapacityScreen):
+                    self.screen.matrix_changed(key)
                 return
             case PoolStateChanged(pool=pool, error=HostKeyUnknown() as error):
                 self.ask_host_key(pool, error)
@@ -224,6 +227,11 @@ class RbeeApp(App[None]):
         """The job board (one at a time)."""
         if not isinstance(self.screen, MatrixScreen):
             self.push_screen(MatrixScreen(self.fleet.matrix))
+
+    def open_capacity(self) -> None:
+        """The capacity view (one at a time): concurrency curves, memory per model, packing."""
+        if not isinstance(self.screen, CapacityScreen):
+            self.push_screen(CapacityScreen(self.fleet.matrix))
 
     def open_overview(self) -> None:
         """Every pool as a card."""

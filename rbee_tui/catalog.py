@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee_tui import files, gguf_file
+from rbee_tui.cluster.layers import ModelShape
 from rbee_tui.errors import CorruptFileError, RbeeError
 from rbee_tui.hive.hashing import sha256_file
 from rbee_tui.names import check_backends, check_id, check_repo, check_repo_file
@@ -20,6 +21,7 @@ from rbee_tui.tinymodel import TINY_TEST_ID, write_model
 
 CATALOG_VERSION = "1.0"
 CATALOG_FILE = "catalog.json"
+SHAPES_FILE = ".shapes.json"  # beside the catalog: each model file's shape, read once (see ShapeCache)
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,87 @@ class CatalogStore:
                 kept = files.keep_aside(self.path, time.strftime("%Y%m%dT%H%M%S"))
             self._write(self._default())
         return kept
+
+
+class ShapeCache:
+    """Each model file's shape (what its memory prediction needs), read from the GGUF header once and kept by
+    path, size and mtime in `<models_dir>/.shapes.json`, so listing a catalog stays fast however big the models.
+
+    Every `rbee-hive` call is a process of its own (or a fork of the agent), so the cache lives on disk; a file
+    that changed is read again, and an entry whose file is gone is dropped on the next write.
+    """
+
+    def __init__(self, models_dir: Path) -> None:
+        self.path = Path(models_dir).expanduser() / SHAPES_FILE
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return {}  # a cache: a lost or damaged one is simply rebuilt
+        return doc if isinstance(doc, dict) else {}
+
+    def shapes(self, paths: list[Path]) -> dict[str, ModelShape | None]:
+        """The shape of each file (None where it cannot be read), read from disk only when not cached."""
+        from rbee_tui.cluster.layers import read_shape, shape_from_json, shape_to_json
+
+        cached = self._read()
+        out: dict[str, ModelShape | None] = {}
+        changed = False
+        for path in paths:
+            key = str(path)
+            try:
+                st = path.stat()
+            except OSError:
+                out[key] = None
+                continue
+            stamp = [st.st_size, st.st_mtime_ns]
+            hit = cached.get(key)
+            if isinstance(hit, dict) and hit.get("stamp") == stamp:
+                with contextlib.suppress(RbeeError, TypeError, KeyError):
+                    out[key] = shape_from_json(hit["shape"])
+                    continue
+            try:
+                shape = read_shape(path)
+            except (RbeeError, OSError):
+                out[key] = None
+                continue
+            out[key] = shape
+            cached[key] = {"stamp": stamp, "shape": shape_to_json(shape)}
+            changed = True
+        if changed:
+            live = {k: v for k, v in cached.items() if Path(k).exists()}
+            with contextlib.suppress(OSError):  # a read-only models dir: predictions still work, uncached
+                files.atomic_write_json(self.path, live)
+        return out
+
+    def shape(self, path: Path) -> ModelShape:
+        """The shape of one model file, or a clear error when its header cannot be read."""
+        shape = self.shapes([Path(path)])[str(path)]
+        if shape is None:
+            from rbee_tui.cluster.layers import read_shape
+
+            return read_shape(Path(path))  # raises with the reason
+        return shape
+
+
+def with_memory(catalog: Catalog, models_dir: Path) -> dict[str, Any]:
+    """The catalog as `rbee-hive models catalog --json` prints it: each downloaded model with a `memory` object,
+    the prediction for a worker of the default engine at its default context (rbee_tui/capacity.py), and its
+    `vram`: what the same worker would take of a GPU's memory."""
+    from rbee_tui.capacity import ENGINE_EMBEDDED, default_ctx, predict_worker
+
+    doc = catalog.to_json()
+    ready = [Path(m.path) for m in catalog.models if m.downloaded and m.path]
+    shapes = ShapeCache(models_dir).shapes(ready) if ready else {}
+    for raw, entry in zip(doc["models"], catalog.models, strict=True):
+        shape = shapes.get(str(Path(entry.path))) if entry.downloaded and entry.path else None
+        if shape is not None:
+            ctx = default_ctx(shape.n_ctx_train)
+            raw["memory"] = predict_worker(shape, ctx, "cpu", 1, ENGINE_EMBEDDED).to_json()
+            # The same worker offloaded to a GPU: what it takes of the GPU's memory.
+            raw["memory"]["vram"] = predict_worker(shape, ctx, "cuda", 1, ENGINE_EMBEDDED).total
+    return doc
 
 
 def human_size(n: int) -> str:

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     mrun.add_argument("--max-tokens", type=int, help="tokens per test prompt (default: [matrix] max_tokens, or 16)")
     mrun.add_argument("--clusters", help="cluster columns: pools joined by '+', comma-separated (a+b+c,a+b)")
     mrun.add_argument("--cluster-ctx", type=int, help="context of the cluster columns (default: [matrix], or 2048)")
+    mrun.add_argument("--concurrency", help="sweep each cell at these simultaneous streams, e.g. 1,2,4,8")
+    mrun.add_argument("--engines", help="worker engines per pool: llama-cpp-python,llama-server (default: the first)")
     mexp = msub.add_parser("export", help="write the tables of a stored run")
     mexp.add_argument("--run", type=int, help="run id (default: the latest)")
     mexp.add_argument("--export", default="md,csv,json,html")
@@ -48,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     from rbee_tui.cluster.headless import add_parser as add_cluster
 
     add_cluster(sub)
+    from rbee_tui.capacity_cli import add_parser as add_capacity
+
+    add_capacity(sub)
+    from rbee_tui.gateway.headless import add_parser as add_gateway
+
+    add_gateway(sub)
     trust = sub.add_parser("trust", help="accept a pool's SSH host key after checking its fingerprint")
     trust.add_argument("name")
     trust.add_argument("--yes", action="store_true", help="do not ask")
@@ -157,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             from rbee_tui.cluster import headless as cluster
 
             return cluster.main(cfg, args)
+        if args.cmd == "capacity":
+            from rbee_tui import capacity_cli
+
+            return capacity_cli.main(cfg, args)
+        if args.cmd == "gateway":
+            from rbee_tui.gateway import headless as gateway
+
+            return gateway.main(cfg, args)
         if args.cmd == "trust":
             return _trust(cfg, args.name, args.yes)
         if args.cmd == "matrix":

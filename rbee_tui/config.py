@@ -28,13 +28,20 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_MAX_TOKENS = 16
 TRANSPORTS = ("local", "ssh")
 HEADER = "# rbee-tui config: see README.md, section Configuration\n"
-TOP_KEYS = ("theme", "registry", "pools", "matrix")
+TOP_KEYS = ("theme", "registry", "pools", "matrix", "gateway")
 REGISTRY_KEYS = ("endpoint", "models")
-MATRIX_KEYS = ("models", "pools", "max_tokens", "clusters", "cluster_ctx")
+MATRIX_KEYS = ("models", "pools", "max_tokens", "clusters", "cluster_ctx", "concurrency", "engines")
+MATRIX_ENGINES = ("llama-cpp-python", "llama-server")  # the worker engines a matrix column can name
+MAX_CONCURRENCY = 256  # simultaneous streams of one sweep level
 DEFAULT_CLUSTER_CTX = 2048
 # Pool keys the dashboard's pool form does not show: an edit from the form never removes them.
 RPC_KEYS = ("rpc_server", "rpc_host")  # a cluster's ggml-rpc-server on the node (docs/cluster.md)
-KEPT_POOL_KEYS = ("hive_command", "known_hosts", "llama_server", *RPC_KEYS)
+MEMORY_KEYS = ("memory_budget", "reserve")  # what the pool's workers may use (docs/capacity.md)
+KEPT_POOL_KEYS = ("hive_command", "known_hosts", "llama_server", *RPC_KEYS, *MEMORY_KEYS)
+GATEWAY_KEYS = ("listen", "api_key", "idle_stop", "start_timeout", "max_body")
+DEFAULT_GATEWAY_LISTEN = "127.0.0.1:8080"
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
+_SIZE_UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -88,6 +95,10 @@ class PoolConfig:
     # through the dashboard's SSH connections. Set (a LAN address): coordinators dial it directly, which is
     # faster, but llama.cpp RPC has no authentication and no encryption: anyone who reaches it can use the node.
     rpc_host: str | None = None
+    # Memory the pool's workers may use in all, in bytes (`memory_budget = "12 GiB"`), or what must stay free
+    # (`reserve`). Neither set: the node's available memory less a margin (rbee_tui/capacity.py).
+    memory_budget: int | None = None
+    reserve: int | None = None
 
     def to_toml(self) -> dict[str, Any]:
         """The entry as written to the config file, leaving out unset optional keys."""
@@ -118,6 +129,10 @@ class MatrixConfig:
     max_tokens: int = DEFAULT_MAX_TOKENS
     clusters: tuple[tuple[str, ...], ...] = ()  # cluster columns: pools a model is split over, the head first
     cluster_ctx: int = DEFAULT_CLUSTER_CTX  # the context the cluster columns plan and run with
+    # Simultaneous streams per level of a cell's concurrency sweep, ascending (empty: no sweep).
+    concurrency: tuple[int, ...] = ()
+    # Worker engines per pool column (empty: the embedded engine alone); a second engine is a column of its own.
+    engines: tuple[str, ...] = ()
 
 
 def cluster_spec(value: Any, known: list[str] | None = None) -> tuple[str, ...]:
@@ -143,6 +158,17 @@ def cluster_spec(value: Any, known: list[str] | None = None) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """The fleet's one OpenAI endpoint (`rbee-tui gateway`)."""
+
+    listen: str = DEFAULT_GATEWAY_LISTEN
+    api_key: str | None = None  # required off loopback; $RBEE_GATEWAY_API_KEY overrides
+    idle_stop: float = 600.0  # seconds: a worker the gateway started and nobody used since is stopped
+    start_timeout: float = 300.0  # seconds a request waits for a worker started on demand
+    max_body: int = 4 << 20  # bytes of a request body
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole config file, and the warnings about keys in it that nothing reads."""
 
@@ -152,6 +178,7 @@ class Config:
     path: Path | None = None
     matrix: MatrixConfig = field(default_factory=MatrixConfig)
     warnings: tuple[str, ...] = ()
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
     def pool(self, name: str) -> PoolConfig:
         """The pool called `name`, or a clear error listing the known ones."""
@@ -185,6 +212,13 @@ class Config:
             doc["matrix"]["clusters"] = ["+".join(c) for c in self.matrix.clusters]
         if self.matrix.cluster_ctx != DEFAULT_CLUSTER_CTX:
             doc["matrix"]["cluster_ctx"] = self.matrix.cluster_ctx
+        if self.matrix.concurrency:
+            doc["matrix"]["concurrency"] = list(self.matrix.concurrency)
+        if self.matrix.engines:
+            doc["matrix"]["engines"] = list(self.matrix.engines)
+        gateway = {k: v for k, v in asdict(self.gateway).items() if v is not None and v != getattr(GatewayConfig, k)}
+        if gateway:
+            doc["gateway"] = gateway
         return doc
 
 
@@ -206,6 +240,23 @@ def _int(value: Any, what: str, low: int, high: int | None = None) -> int:
         span = f"{low}-{high}" if high is not None else f"{low} or more"
         raise RbeeError(f"{what} must be an integer {span}, got {value!r}")
     return value
+
+
+def size_bytes(value: Any, what: str) -> int:
+    """A size in bytes from an integer or a string such as "12 GiB", "512M", "3.5GB"; a clear error otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number) :]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if amount >= 0 and unit in _SIZE_UNITS:
+            return int(amount * _SIZE_UNITS[unit])
+    raise RbeeError(f'{what} must be a size in bytes or a string such as "12 GiB" or "512M", got {value!r}')
 
 
 def _pool_from(raw: Any, index: int, where: str, warnings: list[str]) -> PoolConfig:
@@ -238,6 +289,7 @@ def _pool_from(raw: Any, index: int, where: str, warnings: list[str]) -> PoolCon
         for key in (*("identity_file", "models_dir", "hive_command", "llama_server", "known_hosts"), *RPC_KEYS):
             if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
                 raise RbeeError(f"{key} must be a non-empty string")
+        sizes = {key: size_bytes(raw[key], key) for key in MEMORY_KEYS if raw.get(key) is not None}
     except RbeeError as exc:
         raise RbeeError(f"{at}: {exc.message}", exc.hint) from None
     return PoolConfig(
@@ -254,7 +306,37 @@ def _pool_from(raw: Any, index: int, where: str, warnings: list[str]) -> PoolCon
         known_hosts=raw.get("known_hosts"),
         rpc_server=raw.get("rpc_server"),
         rpc_host=raw.get("rpc_host"),
+        memory_budget=sizes.get("memory_budget"),
+        reserve=sizes.get("reserve"),
     )
+
+
+def _number(value: Any, what: str, low: float) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < low:
+        raise RbeeError(f"{what} must be a number of seconds, {low} or more, got {value!r}")
+    return float(value)
+
+
+def _gateway_from(raw: Any, where: str, warnings: list[str]) -> GatewayConfig:
+    if not isinstance(raw, dict):
+        raise RbeeError(f"{where}: gateway must be a table ([gateway])")
+    warnings.extend(_unknown_keys(raw, GATEWAY_KEYS, f"{where}: [gateway]"))
+    try:
+        listen = raw.get("listen", DEFAULT_GATEWAY_LISTEN)
+        if not isinstance(listen, str) or ":" not in listen:
+            raise RbeeError(f'gateway.listen must be "host:port", got {listen!r}')
+        key = raw.get("api_key")
+        if key is not None and (not isinstance(key, str) or not key.strip()):
+            raise RbeeError("gateway.api_key must be a non-empty string")
+        return GatewayConfig(
+            listen=listen,
+            api_key=key,
+            idle_stop=_number(raw.get("idle_stop", GatewayConfig.idle_stop), "gateway.idle_stop", 0),
+            start_timeout=_number(raw.get("start_timeout", GatewayConfig.start_timeout), "gateway.start_timeout", 1),
+            max_body=size_bytes(raw.get("max_body", GatewayConfig.max_body), "gateway.max_body"),
+        )
+    except RbeeError as exc:
+        raise RbeeError(f"{where}: {exc.message}", exc.hint) from None
 
 
 def _names(value: Any, what: str, check: Callable[[str, str], str], label: str) -> tuple[str, ...]:
@@ -264,6 +346,32 @@ def _names(value: Any, what: str, check: Callable[[str, str], str], label: str) 
         return tuple(check(v, label) for v in value)
     except RbeeError as exc:
         raise RbeeError(f"{what}: {exc.message}", exc.hint) from None
+
+
+def concurrency_levels(value: Any, what: str = "concurrency") -> tuple[int, ...]:
+    """Sweep levels from a list of integers or a string such as "1,2,4": ascending, each used once, 1 to 256."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    hint = 'e.g. "1,2,4,8"' if isinstance(value, str) else "e.g. [1, 2, 4, 8]"
+    if not isinstance(items, list | tuple) or not items:
+        raise RbeeError(f"{what} must list the simultaneous streams of each level, {hint}, got {value!r}")
+    levels = []
+    for item in items:
+        level = int(item) if isinstance(item, str) and item.isdigit() else item
+        if not isinstance(level, int) or isinstance(level, bool) or not 1 <= level <= MAX_CONCURRENCY:
+            raise RbeeError(f"{what}: each level is a whole number from 1 to {MAX_CONCURRENCY}, got {item!r}", hint)
+        levels.append(level)
+    return tuple(sorted(set(levels)))
+
+
+def engine_names(value: Any, what: str = "engines") -> tuple[str, ...]:
+    """Worker engines from a list or a string such as "llama-cpp-python,llama-server", each known, in order."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items or not all(isinstance(i, str) for i in items):
+        raise RbeeError(f"{what} must list worker engines, e.g. {list(MATRIX_ENGINES)}, got {value!r}")
+    bad = [i for i in items if i not in MATRIX_ENGINES]
+    if bad:
+        raise RbeeError(f"{what}: unknown engine(s) {', '.join(bad)}", f"choose from {', '.join(MATRIX_ENGINES)}")
+    return tuple(dict.fromkeys(items))
 
 
 def _matrix_from(raw: Any, where: str, pools: tuple[PoolConfig, ...], warnings: list[str]) -> MatrixConfig:
@@ -279,8 +387,10 @@ def _matrix_from(raw: Any, where: str, pools: tuple[PoolConfig, ...], warnings: 
     try:
         max_tokens = _int(raw.get("max_tokens", DEFAULT_MAX_TOKENS), "matrix.max_tokens", 1, 1 << 20)
         cluster_ctx = _int(raw.get("cluster_ctx", DEFAULT_CLUSTER_CTX), "matrix.cluster_ctx", 1, 1 << 30)
+        sweep = concurrency_levels(raw["concurrency"], "matrix.concurrency") if "concurrency" in raw else ()
+        engines = engine_names(raw["engines"], "matrix.engines") if "engines" in raw else ()
     except RbeeError as exc:
-        raise RbeeError(f"{where}: {exc.message}") from None
+        raise RbeeError(f"{where}: {exc.message}", exc.hint) from None
     clusters = raw.get("clusters", [])
     if not isinstance(clusters, list):
         raise RbeeError(f'{where}: matrix.clusters must be a list of clusters, e.g. ["local+node2+node3"]')
@@ -288,7 +398,15 @@ def _matrix_from(raw: Any, where: str, pools: tuple[PoolConfig, ...], warnings: 
         specs = tuple(cluster_spec(c, known) for c in clusters)
     except RbeeError as exc:
         raise RbeeError(f"{where}: matrix.clusters: {exc.message}", exc.hint) from None
-    return MatrixConfig(models=models, pools=names, max_tokens=max_tokens, clusters=specs, cluster_ctx=cluster_ctx)
+    return MatrixConfig(
+        models=models,
+        pools=names,
+        max_tokens=max_tokens,
+        clusters=specs,
+        cluster_ctx=cluster_ctx,
+        concurrency=sweep,
+        engines=engines,
+    )
 
 
 def parse(doc: dict[str, Any], where: str = "config") -> Config:
@@ -322,11 +440,13 @@ def parse(doc: dict[str, Any], where: str = "config") -> Config:
     if not isinstance(theme, str) or not theme:
         raise RbeeError(f"{where}: theme must be a non-empty string")
     matrix = _matrix_from(doc.get("matrix", {}), where, pools, warnings)
+    gateway = _gateway_from(doc.get("gateway", {}), where, warnings)
     return Config(
         pools=pools,
         registry=RegistryConfig(endpoint=endpoint, models=tuple(models)),
         theme=theme,
         matrix=matrix,
+        gateway=gateway,
         warnings=tuple(warnings),
     )
 
@@ -418,6 +538,21 @@ def set_theme(cfg: Config, theme: str) -> Config:
 
     def change(doc: tomlkit.TOMLDocument, current: Config) -> None:
         doc["theme"] = theme
+
+    return _edit(cfg, change)
+
+
+def set_matrix_concurrency(cfg: Config, levels: tuple[int, ...]) -> Config:
+    """Save `[matrix] concurrency` (empty: the key goes, no sweep), touching nothing else; return the config."""
+
+    def change(doc: tomlkit.TOMLDocument, current: Config) -> None:
+        if "matrix" not in doc:
+            if levels:
+                doc["matrix"] = {"concurrency": list(levels)}
+        elif levels:
+            doc["matrix"]["concurrency"] = list(levels)  # type: ignore[index]
+        else:
+            doc["matrix"].pop("concurrency", None)  # type: ignore[union-attr]
 
     return _edit(cfg, change)
 

@@ -114,6 +114,13 @@ class MatrixChanged:
     key: str | None
 
 
+@dataclass(frozen=True)
+class GatewayChanged:
+    """The gateway started or stopped (its address and request rate are in `Fleet.gateway_status()`)."""
+
+    url: str | None
+
+
 FleetEvent = (
     PoolStateChanged
     | SampleArrived
@@ -124,6 +131,7 @@ FleetEvent = (
     | MatrixChanged
     | ClusterChanged
     | NoticeReported
+    | GatewayChanged
 )
 
 
@@ -145,6 +153,7 @@ class Fleet:
             lambda: self.config.matrix,
             lambda key: self.on_event(MatrixChanged(key)),
             lambda text: self.on_event(ErrorReported(text)),
+            save_concurrency=self.set_matrix_concurrency,
         )
         self.clusters = ClusterBoard(
             lambda: self.clients,
@@ -154,6 +163,7 @@ class Fleet:
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._spawns: set[asyncio.Task[Any]] = set()
+        self.gateway: Any = None  # the fleet's OpenAI endpoint (rbee_tui.gateway.service.Gateway) while it runs
         self._refreshing: set[str] = set()  # pools whose worker list is being read again
         self._followed: dict[str, float] = {}  # pool -> when its worker list may be read again
         for pool in config.pools:
@@ -248,6 +258,8 @@ class Fleet:
             ],
             timeout=60,
         )
+        if self.gateway is not None:  # its workers are stopped while the connections are still there
+            await self.toggle_gateway()
         await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
 
     def client(self, pool: str) -> PoolClient:
@@ -255,6 +267,21 @@ class Fleet:
         if pool not in self.clients:
             raise RbeeError(f"no pool named {pool!r}")
         return self.clients[pool]
+
+    def worker_room(self, pool: str) -> int | None:
+        """What a new worker may use on `pool` now (its memory_budget or reserve, else available memory less a
+        margin; rbee_tui/capacity.py), from its last sample or its status at connect; None when unknown."""
+        from rbee_tui.capacity import free_for_workers, room_from_sample
+
+        client = self.client(pool)
+        cfg, view = client.pool, client.view
+        if view.last_sample is not None:
+            return room_from_sample(view.last_sample, cfg.memory_budget, cfg.reserve)
+        available = view.status.get("ram_available")
+        if not available:
+            return None
+        total = int(view.status.get("ram_total") or available)
+        return free_for_workers(int(available), total, cfg.memory_budget, cfg.reserve, 0)
 
     # -- catalog ------------------------------------------------------------------------------------------
 
@@ -421,6 +448,46 @@ class Fleet:
             if "line" in ev:
                 yield ev["line"]
 
+    # -- gateway ------------------------------------------------------------------------------------------
+
+    async def toggle_gateway(self) -> str | None:
+        """Start the gateway over these pools (its URL), or stop it and the workers it started (None)."""
+        from rbee_tui.gateway.service import Gateway  # its server's imports only when it is used
+
+        if self.gateway is not None:
+            gateway, self.gateway = self.gateway, None
+            await gateway.close()
+            self.on_event(GatewayChanged(None))
+            return None
+        gateway = Gateway(
+            lambda: self.clients,
+            self.config.gateway,
+            notify=self._gateway_event,
+            follow_samples=False,  # this service layer already re-reads a pool's workers when they change
+            clusters=lambda: self.clusters.clusters.values(),
+        )
+        url = await gateway.start()
+        self.gateway = gateway
+        self.on_event(GatewayChanged(url))
+        return url
+
+    def _gateway_event(self, event: Any) -> None:
+        from rbee_tui.gateway.events import ClusterTrouble, StartFailed, WorkerLost, WorkerStarted, WorkerStopped
+
+        match event:
+            case StartFailed(reason=reason) | ClusterTrouble(text=reason):
+                self.on_event(ErrorReported(f"gateway: {reason}"))
+            case WorkerLost(cause=cause, retried=retried):
+                self.on_event(NoticeReported(f"gateway: {cause}" + (" (retried elsewhere)" if retried else "")))
+            case WorkerStarted() | WorkerStopped():
+                self.on_event(GatewayChanged(self.gateway.url if self.gateway is not None else None))
+
+    def gateway_status(self) -> str:
+        """The gateway's address and request rate, for the status line ("" while it is off)."""
+        if self.gateway is None:
+            return ""
+        return f"gateway {self.gateway.url}/v1  {self.gateway.rate():.1f} req/s"
+
     # -- config -------------------------------------------------------------------------------------------
 
     def save_pool_config(self, old_name: str | None, pool: PoolConfig) -> None:
@@ -432,7 +499,9 @@ class Fleet:
             self.config = cfgmod.update_pool(self.config, old_name, pool)
 
     def connect_pool(self, old_name: str | None, pool: PoolConfig) -> None:
-        """Connect to a saved pool, closing the connection of the entry it replaces."""
+        """Connect to a saved pool, closing the connection of the entry it replaces. The entry as saved is used:
+        it has the keys the form does not show (memory_budget, reserve, hive_command, ...)."""
+        pool = next((p for p in self.config.pools if p.name == pool.name), pool)
         for name in {old_name, pool.name} - {None}:
             old = self.clients.pop(name, None)  # type: ignore[arg-type]
             if old is not None:
@@ -449,3 +518,8 @@ class Fleet:
     def set_theme(self, theme: str) -> None:
         """Remember the theme in the config file (blocking: call it from a thread)."""
         self.config = cfgmod.set_theme(self.config, theme)
+
+    def set_matrix_concurrency(self, levels: tuple[int, ...]) -> None:
+        """Save the job board's concurrency levels as `[matrix] concurrency`, keeping every other key and comment
+        (empty: the key goes, no sweep); blocking: call it from a thread."""
+        self.config = cfgmod.set_matrix_concurrency(self.config, levels)

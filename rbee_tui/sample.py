@@ -29,10 +29,12 @@ class Memory:
 
 @dataclass(frozen=True)
 class Swap:
-    """Swap space (total 0: no swap)."""
+    """Swap space (total 0: no swap); sin/sout: bytes swapped in and out since boot, None where not reported."""
 
     total: int
     used: int
+    sin: int | None = None
+    sout: int | None = None
 
     @property
     def percent(self) -> float | None:
@@ -51,6 +53,8 @@ class GpuReading:
     util_percent: float | None
     temp_c: float | None
     power_w: float | None
+    clock_sm_mhz: float | None = None  # falls under load when the GPU throttles
+    clock_sm_max_mhz: float | None = None
 
     @property
     def memory_percent(self) -> float | None:
@@ -99,6 +103,8 @@ class Sample:
     gpus: tuple[GpuReading, ...]
     gpus_reason: str
     workers: tuple[WorkerReading, ...]
+    cpu_freq_mhz: float | None = None  # the mean core clock: falls under load when the CPU throttles
+    cpu_freq_reason: str = ""
 
     @classmethod
     def parse(cls, doc: dict[str, Any]) -> Sample:
@@ -109,7 +115,7 @@ class Sample:
         return cls(
             ts=float(doc["ts"]),
             ram=Memory(int(ram["total"]), int(ram["available"]), int(ram["used"]), float(ram["percent"])),
-            swap=Swap(int(swap["total"]), int(swap["used"])),
+            swap=Swap(int(swap["total"]), int(swap["used"]), _opt_int(swap.get("sin")), _opt_int(swap.get("sout"))),
             cpu_percent=float(cpu["percent"]),
             cores=len(cpu.get("per_core") or []) or 1,
             load=(load[0], load[1], load[2]),
@@ -129,6 +135,8 @@ class Sample:
                     util_percent=_opt_float(g.get("util_percent")),
                     temp_c=_opt_float(g.get("temp_c")),
                     power_w=_opt_float(g.get("power_w")),
+                    clock_sm_mhz=_opt_float(g.get("clock_sm_mhz")),
+                    clock_sm_max_mhz=_opt_float(g.get("clock_sm_max_mhz")),
                 )
                 for i, g in enumerate(doc.get("gpus") or [])
             ),
@@ -144,6 +152,8 @@ class Sample:
                 )
                 for w in doc.get("workers") or []
             ),
+            cpu_freq_mhz=_opt_float(cpu.get("freq_mhz")),
+            cpu_freq_reason=str(cpu.get("freq_reason") or ""),
         )
 
     @property

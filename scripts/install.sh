@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Installs rbee-tui into ./.venv (created here if missing), editable, with what the system needs first.
+# Installs rbee-tui into ./.venv (created here if missing), editable, with what the system needs first, then
+# builds llama.cpp once for this machine (llama-server, ggml-rpc-server, llama-bench and the libllama the
+# embedded engine loads: scripts/build-llama-cpp.sh, kept in ~/.cache/rbee/llama.cpp).
 #   bash scripts/install.sh          the tool
 #   bash scripts/install.sh --test   the tool and its test tools, plus sshd and tmux for the end-to-end tests
+#   CMAKE_ARGS="-DGGML_CUDA=ON" bash scripts/install.sh    a CUDA build of llama.cpp
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
-# System packages: a compiler for llama-cpp-python, venv support, and for tests an OpenSSH server and tmux.
+# System packages: a compiler and cmake for llama.cpp, venv support, and for tests an OpenSSH server and tmux.
 need=()
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v git >/dev/null 2>&1 || need+=(git)
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 if [ "$want_test" = 1 ]; then
   [ -x /usr/sbin/sshd ] || need+=(openssh-server)
   command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
   command -v tmux >/dev/null 2>&1 || need+=(tmux)
-  command -v cmake >/dev/null 2>&1 || need+=(cmake)
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)  # draws the HTML export's charts in a test
 fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
@@ -39,6 +43,10 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 extra=""
 [ "$want_test" = 1 ] && extra="[test]"
-# llama-cpp-python compiles llama.cpp on first install (a few minutes on 2 cores); pip caches the wheel after.
-.venv/bin/python -m pip install -q -e ".${extra}"
-echo "rbee-tui installed in .venv"
+# llama.cpp is compiled once, below: llama-cpp-python installs without its own copy (LLAMA_BUILD=OFF) and
+# loads the build's libllama (rbee_tui/llama_build.py). No pip cache here: a library-less llama-cpp-python
+# wheel must not be reused by a later plain `pip install` elsewhere, which expects one that carries its library.
+CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" .venv/bin/python -m pip install -q --no-cache-dir -e ".${extra}"
+echo "rbee-tui installed in .venv; building llama.cpp (once per version: minutes on a small machine)"
+PYTHON=.venv/bin/python bash scripts/build-llama-cpp.sh >/dev/null
+echo "rbee-tui is ready: .venv/bin/rbee-tui"

@@ -12,6 +12,9 @@ file:line references are to the llama.cpp vendored by llama-cpp-python; docs/clu
   n_ctx x n_head_kv x head_dim elements each, n_ctx padded to 256 (src/llama-context.cpp:290); sliding-window
   layers keep min(n_ctx, window x slots + ubatch) cells (src/llama-kv-cache-iswa.cpp:73).
 - every device also gets a compute buffer: see `compute_bytes` for the estimate.
+
+The per-layer and per-buffer pieces (`kv_bytes`, `activation_bytes`, `mask_bytes`) are also the single-worker
+memory model's (rbee_tui/capacity.py, docs/capacity.md): one memory model for one machine and for several.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ UBATCH = 512  # llama.cpp's default physical batch (common/common.h:454)
 SLOTS = 4  # llama-server's default: 4 slots sharing one unified KV cache (tools/server/server.cpp:156-159)
 CTX_PAD = 256  # llama.cpp pads the context to a multiple of this (src/llama-context.cpp:290)
 DEFAULT_MARGIN = 0.10  # of each node's free memory, left for the OS, page cache and everything else
+PIPELINE_COPIES = 4  # copies of each split's inputs the scheduler keeps with pipeline parallelism (RPC devices)
 RPC_SERVER_OVERHEAD = 64 * MiB  # the ggml-rpc-server process itself, and llama-server's on the coordinator
 POLICIES = ("fewest", "spread")
 # KV cache element types llama.cpp accepts for -ctk/-ctv: (elements per block, bytes per block).
@@ -62,6 +66,7 @@ class NodeFree:
     free_bytes: int
     down_reason: str = ""
     endpoint: str = ""  # host:port of its ggml-rpc-server; "<name>:50052" when empty
+    limit_bytes: int | None = None  # the pool's own room (memory_budget/reserve, rbee_tui/capacity.py): no margin
 
     @property
     def up(self) -> bool:
@@ -74,7 +79,9 @@ class NodeFree:
         return self.endpoint or f"{self.name}:{RPC_PORT}"
 
     def usable_bytes(self, margin: float) -> int:
-        """Free memory less the margin kept free."""
+        """Free memory less the margin kept free, or the pool's own room where its config sets one."""
+        if self.limit_bytes is not None:
+            return max(min(self.limit_bytes, self.free_bytes), 0)
         return int(max(self.free_bytes, 0) * (1.0 - margin))
 
     def why_down(self) -> str:
@@ -190,21 +197,39 @@ class Refusal(RbeeError):
         self.free_bytes = free_bytes
 
 
-def kv_cells(shape: ModelShape, layer: int, ctx: int) -> int:
-    """KV cache cells one layer allocates for a context of `ctx` tokens."""
+def kv_cells(shape: ModelShape, layer: int, ctx: int, seqs: int = SLOTS) -> int:
+    """KV cache cells one layer allocates for a context of `ctx` tokens shared by `seqs` sequences."""
     full = _pad(ctx, CTX_PAD)
     if shape.is_swa(layer):
-        return min(full, _pad(min(full, shape.sliding_window * SLOTS + UBATCH), CTX_PAD))
+        return min(full, _pad(min(full, shape.sliding_window * seqs + UBATCH), CTX_PAD))
     return full
 
 
-def kv_layer_bytes(shape: ModelShape, layer: int, ctx: int, kv_type: str = "f16") -> int:
+def kv_layer_bytes(shape: ModelShape, layer: int, ctx: int, kv_type: str = "f16", seqs: int = SLOTS) -> int:
     """K and V cache bytes of one layer: cells x n_head_kv x head_dim, for K and for V."""
     block, block_bytes = KV_TYPES[kv_type]
     heads = shape.kv_heads(layer)
     row_k = -(-heads * shape.head_dim_k // block) * block_bytes
     row_v = -(-heads * shape.head_dim_v // block) * block_bytes
-    return kv_cells(shape, layer, ctx) * (row_k + row_v)
+    return kv_cells(shape, layer, ctx, seqs) * (row_k + row_v)
+
+
+def kv_bytes(shape: ModelShape, ctx: int, kv_type: str = "f16", seqs: int = SLOTS) -> int:
+    """K and V cache bytes of every layer of a model for a context of `ctx` tokens."""
+    return sum(kv_layer_bytes(shape, il, ctx, kv_type, seqs) for il in range(shape.n_layer))
+
+
+def activation_bytes(shape: ModelShape, ubatch: int = UBATCH) -> int:
+    """The widest point of one layer's graph for a ubatch: four f32 vectors of n_embd and three of n_ff per token
+    (the FFN's gate, up and product beside the residual stream). Fitted to what llama.cpp logs as its compute
+    buffer for generated models of widths 64 to 1024 (docs/capacity.md, docs/cluster.md)."""
+    return 4 * ubatch * (4 * shape.n_embd + 3 * shape.n_ff)
+
+
+def mask_bytes(ctx: int, copies: int = 1, ubatch: int = UBATCH) -> int:
+    """The attention mask: f16, one row of KV cells per ubatch token, in `copies` copies (4 with pipeline
+    parallelism over several devices, ggml/src/ggml-backend.cpp:771-772)."""
+    return 2 * copies * ubatch * _pad(ctx, CTX_PAD)
 
 
 def compute_bytes(shape: ModelShape, ctx: int, output: bool) -> int:
@@ -216,8 +241,9 @@ def compute_bytes(shape: ModelShape, ctx: int, output: bool) -> int:
     of every token of the ubatch. Flash attention is on for RPC devices (they claim every op,
     ggml/src/ggml-rpc/ggml-rpc.cpp:2216-2221), so no n_head x n_ctx score matrix is counted.
     """
-    activations = 4 * UBATCH * (5 * shape.n_embd + 3 * shape.n_ff)
-    mask = 8 * UBATCH * _pad(ctx, CTX_PAD)
+    # The inputs copied between devices: one more f32 vector of n_embd per ubatch token than one device needs.
+    activations = activation_bytes(shape) + 4 * UBATCH * shape.n_embd
+    mask = mask_bytes(ctx, PIPELINE_COPIES)
     logits = 4 * UBATCH * shape.n_vocab if output else 0
     # What is left beyond activations and mask: 2 MiB from n_embd 512 up (nine logged models), but only
     # 0.17 MiB at n_embd 64; two more f32 vectors of n_embd per ubatch token, capped at 2 MiB, fits both.
@@ -227,7 +253,7 @@ def compute_bytes(shape: ModelShape, ctx: int, output: bool) -> int:
 
 def coordinator_bytes(shape: ModelShape, ctx: int) -> int:
     """What the coordinator holds besides its node's layers: token embeddings, its CPU compute buffer, logits."""
-    host = 4 * UBATCH * 5 * shape.n_embd + 8 * UBATCH * _pad(ctx, CTX_PAD) + 4 * SLOTS * (shape.n_vocab + shape.n_embd)
+    host = 4 * UBATCH * 5 * shape.n_embd + mask_bytes(ctx, PIPELINE_COPIES) + 4 * SLOTS * (shape.n_vocab + shape.n_embd)
     return shape.input_bytes + host + RPC_SERVER_OVERHEAD
 
 
@@ -382,7 +408,11 @@ def _refusal(model: _Costs, up: list[NodeFree], down: list[str], margin: float) 
         msg += "; " + "; ".join(down)
     if need <= usable:
         msg += f"; no arrangement of whole layers fits (the largest layer with its KV cache: {gb(max(model.layer))})"
-    hint = f"{gb(usable)} usable after keeping {margin:.0%} of each node free; add a node or use a shorter context"
+    limited = [n.name for n in up if n.limit_bytes is not None]
+    kept = f"keeping {margin:.0%} of each node free" if not limited else "each pool's memory_budget/reserve"
+    if limited and len(limited) < len(up):
+        kept += f" ({', '.join(limited)}) and {margin:.0%} of the others' free memory"
+    hint = f"{gb(usable)} usable after {kept}; add a node or use a shorter context"
     return Refusal(msg, need, free, hint)
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rbee_tui.capacity import free_for_workers
 from rbee_tui.cluster.front import Front
 from rbee_tui.cluster.layers import ModelShape, shape_from_json
 from rbee_tui.cluster.meter import Meter
@@ -45,6 +46,7 @@ class Node:
     name: str
     client: PoolClient
     free_bytes: int = 0
+    limit_bytes: int | None = None  # the pool's memory_budget/reserve room, when its config sets one
     down: str = ""
     rpc: dict[str, Any] = field(default_factory=dict)  # `rbee-hive rpc status`
 
@@ -145,6 +147,13 @@ class Cluster:
             return node
         node.rpc = rpc
         node.free_bytes = int(status.get("ram_available") or 0)
+        if client.pool.memory_budget is not None or client.pool.reserve is not None:
+            # The pool's own room (rbee_tui/capacity.py); without one, the planner keeps its margin of what is free.
+            sample = client.view.last_sample
+            used = sum(w.rss_bytes or 0 for w in sample.workers if w.alive) if sample else 0
+            node.limit_bytes = free_for_workers(
+                node.free_bytes, int(status.get("ram_total") or 0), client.pool.memory_budget, client.pool.reserve, used
+            )
         if rpc.get("missing"):
             node.down = rpc["missing"]
         return node
@@ -180,7 +189,7 @@ class Cluster:
     def place(self, nodes: list[Node]) -> Placement:
         """The placement of the model on `nodes` (raises Refusal with needed vs free)."""
         assert self.shape is not None
-        free = [NodeFree(n.name, n.free_bytes, down_reason=n.down) for n in nodes]
+        free = [NodeFree(n.name, n.free_bytes, down_reason=n.down, limit_bytes=n.limit_bytes) for n in nodes]
         return plan(self.shape, free, self.ctx, policy=self.policy, margin=self.margin)
 
     async def plan(self) -> Placement:

@@ -63,7 +63,9 @@ def _context(args: argparse.Namespace) -> Context:
 def cmd_catalog(ctx: Context, args: argparse.Namespace) -> int:
     catalog = ctx.store.load()
     if ctx.json:
-        _emit(catalog.to_json())
+        from rbee_tui.catalog import with_memory
+
+        _emit(with_memory(catalog, ctx.models_dir))  # each downloaded model's predicted memory
     else:
         print(render_table(catalog))
     return 0
@@ -240,6 +242,17 @@ def _worker_line(w: dict[str, Any]) -> str:
     )
 
 
+def _memory_limits(ctx: Context, args: argparse.Namespace) -> dict[str, int | None]:
+    """The pool's memory_budget and reserve: the flags (the dashboard passes its config's), else this node's config."""
+    out: dict[str, int | None] = {}
+    for key in ("memory_budget", "reserve"):
+        flag = getattr(args, key, None)
+        out[key] = cfgmod.size_bytes(flag, f"--{key.replace('_', '-')}") if flag is not None else None
+        if out[key] is None and ctx.pool is not None:
+            out[key] = getattr(ctx.pool, key)
+    return out
+
+
 def cmd_worker_spawn(ctx: Context, args: argparse.Namespace) -> int:
     from rbee_tui.hive.records import describe
     from rbee_tui.hive.workers import spawn, wait_ready
@@ -258,6 +271,7 @@ def cmd_worker_spawn(ctx: Context, args: argparse.Namespace) -> int:
         llama_server=llama_server,
         kind=args.kind,
         server_args=tuple(shlex.split(args.server_args or "")),
+        **_memory_limits(ctx, args),
     )
     if not ctx.json:
         print(
@@ -430,11 +444,12 @@ def cmd_rpc_shape(ctx: Context, args: argparse.Namespace) -> int:
     from rbee_tui.cluster.layers import read_shape, shape_to_json
     from rbee_tui.hive import rpc
     from rbee_tui.hive.status import node_status
+    from rbee_tui.worker.upstream import find_llama_server
 
     entry = ctx.store.load().get(check_id(args.model))
     if not entry.downloaded or not Path(entry.path).is_file():
         raise RbeeError(f"Model {entry.id} not downloaded. Run: rbee-hive models download {entry.id}")
-    server = rpc.find_llama_server(args.llama_server or (ctx.pool.llama_server if ctx.pool else None))
+    server = find_llama_server(args.llama_server or (ctx.pool.llama_server if ctx.pool else None))
     out = {
         "pool_id": ctx.pool_id,
         "model": entry.id,
@@ -563,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", type=int, help="context size (default: the model's, at most 4096)")
     p.add_argument("--wait", action="store_true", help="return only once the worker answers ready")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
+    p.add_argument("--memory-budget", help="memory this pool's workers may use in all, e.g. 12GiB (docs/capacity.md)")
+    p.add_argument("--reserve", help="memory to keep free on this node, e.g. 2GiB (default: a margin)")
     p.add_argument("--kind", default="worker", choices=["worker", "cluster"], help=argparse.SUPPRESS)
     # A cluster coordinator's llama-server arguments, one shell-quoted string: give it as --server-args=...
     p.add_argument("--server-args", help=argparse.SUPPRESS)

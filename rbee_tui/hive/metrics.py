@@ -54,6 +54,9 @@ class Nvml:
             util = self._read(nv.nvmlDeviceGetUtilizationRates, handle)
             temp = self._read(nv.nvmlDeviceGetTemperature, handle, 0)  # NVML_TEMPERATURE_GPU
             power = self._read(nv.nvmlDeviceGetPowerUsage, handle)
+            # The SM clock against its maximum: a clock that drops under load is the GPU throttling.
+            clock = self._read(nv.nvmlDeviceGetClockInfo, handle, 1)  # NVML_CLOCK_SM
+            clock_max = self._read(nv.nvmlDeviceGetMaxClockInfo, handle, 1)
             gpus.append(
                 {
                     "index": i,
@@ -63,6 +66,8 @@ class Nvml:
                     "util_percent": float(util.gpu) if util else None,
                     "temp_c": float(temp) if temp is not None else None,
                     "power_w": round(power / 1000.0, 1) if power is not None else None,
+                    "clock_sm_mhz": float(clock) if clock is not None else None,
+                    "clock_sm_max_mhz": float(clock_max) if clock_max is not None else None,
                 }
             )
             for proc in self._read(nv.nvmlDeviceGetComputeRunningProcesses, handle) or []:
@@ -83,6 +88,20 @@ def _cpu_temp() -> tuple[float | None, str | None]:
         if entries:
             return max(e.current for e in entries), None
     return None, "no CPU temperature sensor found"
+
+
+def _cpu_freq() -> tuple[float | None, str | None]:
+    """The CPU clock now, in MHz (the mean over cores): it drops below its usual value when the CPU throttles."""
+    read = getattr(psutil, "cpu_freq", None)
+    if read is None:
+        return None, "this OS reports no CPU clock to psutil"
+    try:
+        freq = read()
+    except Exception as exc:
+        return None, f"CPU clock unreadable ({exc})"
+    if freq is None or not freq.current:
+        return None, "no CPU clock reported (no cpufreq on this machine)"
+    return round(float(freq.current), 1), None
 
 
 class Sampler:
@@ -159,7 +178,8 @@ class Sampler:
                 "used": vm.total - vm.available,
                 "percent": round(100.0 * (vm.total - vm.available) / vm.total, 2),
             },
-            "swap": {"total": sw.total, "used": sw.used},
+            # sin/sout: bytes swapped in and out since boot (their growth over a job is its swap traffic)
+            "swap": {"total": sw.total, "used": sw.used, "sin": sw.sin, "sout": sw.sout},
             "cpu": {"percent": round(sum(per_core) / max(len(per_core), 1), 1), "per_core": per_core},
             "load": list(os.getloadavg()),
         }
@@ -175,6 +195,10 @@ class Sampler:
             "rx_bps": round((net.bytes_recv - self.last_net.bytes_recv) / dt, 1),
             "tx_bps": round((net.bytes_sent - self.last_net.bytes_sent) / dt, 1),
         }
+        freq, freq_reason = _cpu_freq()
+        out["cpu"]["freq_mhz"] = freq
+        if freq_reason:
+            out["cpu"]["freq_reason"] = freq_reason
         cpu_temp, temp_reason = _cpu_temp()
         out["temps"] = {"cpu_c": cpu_temp}
         if temp_reason:

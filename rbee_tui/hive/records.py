@@ -42,6 +42,7 @@ class WorkerRecord:
     exit_file: str
     argv: tuple[str, ...]
     kind: str = "worker"  # "cluster": a llama-server coordinator of a model split over nodes (rbee_tui/cluster/)
+    predicted_bytes: int = 0  # what the memory model said it will hold (rbee_tui/capacity.py); 0: not predicted
 
     @property
     def url(self) -> str:
@@ -60,7 +61,8 @@ class Registry:
     """The pool's worker registry file."""
 
     def __init__(self, pool_id: str) -> None:
-        self.dir = state_dir() / "pools" / check_id(pool_id, "pool id")
+        self.pool_id = check_id(pool_id, "pool id")
+        self.dir = state_dir() / "pools" / self.pool_id
         self.path = self.dir / "workers.json"
         self.logs = self.dir / "logs"
 
@@ -141,6 +143,25 @@ def _rss(proc: psutil.Process) -> int | None:
             with contextlib.suppress(psutil.Error):
                 total += child.memory_info().rss
     return int(total)
+
+
+def memory_in_use(records: list[WorkerRecord]) -> tuple[int, int]:
+    """What a pool's live workers hold, for the room a new one has: (in use, still to come).
+
+    In use: each worker's RSS or its prediction, whichever is larger (a worker that has not yet served a long
+    prompt holds less than it will). Still to come: what the workers still loading are predicted to take beyond
+    what they hold now, which the node's available memory does not show yet.
+    """
+    used = coming = 0
+    for record in records:
+        supervisor = _alive(record)
+        if supervisor is None:
+            continue
+        top = _first_child(supervisor)
+        rss = (_rss(top) or 0) if top is not None else 0
+        used += max(rss, record.predicted_bytes)
+        coming += max(record.predicted_bytes - rss, 0)
+    return used, coming
 
 
 def tail(path: str | Path, n: int = 5) -> list[str]:

@@ -9,7 +9,6 @@ ggml-rpc-server serves one coordinator at a time (docs/cluster.md), and `busy` s
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from rbee_tui.errors import RbeeError
 from rbee_tui.hive import records as worker_records
 from rbee_tui.hive import workers
 from rbee_tui.hive.records import Registry, WorkerRecord, group_members, tail, worker_process
+from rbee_tui.llama_build import build_cache, cached
 from rbee_tui.names import check_id
 
 RPC_ID = "rpc"
@@ -49,17 +49,6 @@ class RpcRegistry(Registry):
 # -- binaries and builds ------------------------------------------------------------------------------------
 
 
-def build_cache() -> Path:
-    """Where scripts/build-llama-cpp.sh puts llama.cpp's tools: <cache>/<version>/bin."""
-    return Path(os.environ.get("RBEE_LLAMA_CPP_CACHE") or Path.home() / ".cache/rbee/llama.cpp").expanduser()
-
-
-def _cached(names: tuple[str, ...]) -> str | None:
-    found = [p for name in names for p in glob.glob(str(build_cache() / "*" / "bin" / name))]
-    found = [p for p in found if os.access(p, os.X_OK)]
-    return max(found, key=lambda p: os.path.getmtime(Path(p).parent)) if found else None
-
-
 def _executable(candidate: str, what: str) -> str:
     path = Path(candidate).expanduser()
     if path.is_file() and os.access(path, os.X_OK):
@@ -78,28 +67,12 @@ def find_rpc_server(explicit: str | None = None, llama_server: str | None = None
             beside = Path(llama_server).expanduser().parent / name
             if beside.is_file() and os.access(beside, os.X_OK):
                 return str(beside)
-    found = _cached(NAMES) or next((p for p in map(shutil.which, NAMES) if p), None)
+    found = cached(NAMES) or next((p for p in map(shutil.which, NAMES) if p), None)
     if found:
         return found
     raise RbeeError(
         "ggml-rpc-server is not installed on this node",
         "build it with scripts/build-llama-cpp.sh, or set rpc_server in the pool's config",
-    )
-
-
-def find_llama_server(explicit: str | None = None) -> str:
-    """llama-server for a coordinator: --llama-server / the pool's key, $RBEE_LLAMA_SERVER, PATH, the build cache."""
-    try:
-        return workers.find_llama_server(explicit)
-    except RbeeError:
-        if explicit or os.environ.get("RBEE_LLAMA_SERVER"):
-            raise
-    found = _cached(("llama-server",))
-    if found:
-        return found
-    raise RbeeError(
-        "llama-server is not installed on this node",
-        "build it with scripts/build-llama-cpp.sh, or set llama_server in the pool's config",
     )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -30,15 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from rbee_tui.errors import RbeeError
+from rbee_tui.llama_build import LIB, build_cache, flavour
 
 TOOLS = ("llama-server", "llama-bench")  # with the RPC server, whose name depends on the llama.cpp version
 _PERCENT = re.compile(r"^\[\s*(\d+)%\]")
 Progress = Callable[[dict[str, Any]], None]
-
-
-def build_cache() -> Path:
-    """Where the builds live (the same place `rbee-hive rpc` looks for them)."""
-    return Path(os.environ.get("RBEE_LLAMA_CPP_CACHE") or Path.home() / ".cache/rbee/llama.cpp").expanduser()
 
 
 def installed_version() -> str:
@@ -52,20 +47,16 @@ def installed_version() -> str:
         ) from None
 
 
-def flavour(cmake_args: str) -> str:
-    """A short hash of the CMake arguments ("cpu" when none): CPU and CUDA builds of a version differ."""
-    return hashlib.md5(((cmake_args or "cpu") + "\n").encode()).hexdigest()[:8]
-
-
 def build_name(version: str, cmake_args: str) -> str:
     """The build's name: `<version>-<flavour>` (e.g. 0.3.36-d0fc6ee6)."""
     return f"{version}-{flavour(cmake_args)}"
 
 
 def complete(bin_dir: Path) -> bool:
-    """Whether a build's bin dir has every tool and its BUILD_COMMIT."""
+    """Whether a build's bin dir has every tool, the library llama-cpp-python loads, and its BUILD_COMMIT."""
     return (
         all(os.access(bin_dir / t, os.X_OK) for t in TOOLS)
+        and (bin_dir / LIB).is_file()
         and any(os.access(bin_dir / n, os.X_OK) for n in ("ggml-rpc-server", "rpc-server"))
         and (bin_dir / "BUILD_COMMIT").is_file()
     )
@@ -183,7 +174,7 @@ def setup(
     if not src.is_dir():
         fetch_sources(version, src, say)
     rpc = rpc_target(src)
-    targets = ["llama-server", rpc, "llama-bench"]
+    targets = ["llama-server", rpc, "llama-bench", "llama"]  # `llama`: libllama, for llama-cpp-python
     say({"event": "step", "step": "configure", "message": f"configuring {', '.join(targets)} ({build})"})
     _run(
         [
@@ -197,7 +188,11 @@ def setup(
             "-DLLAMA_CURL=OFF",
             "-DLLAMA_BUILD_TESTS=OFF",
             "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DBUILD_SHARED_LIBS=OFF",
+            # Shared libraries, found beside the tools ($ORIGIN): llama-cpp-python loads the same libllama, so
+            # llama.cpp is compiled once per node, not once more by pip (scripts/install.sh).
+            "-DBUILD_SHARED_LIBS=ON",
+            "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+            "-DCMAKE_INSTALL_RPATH=$ORIGIN",
             *shlex.split(cmake_args),
         ],
         "configure",
@@ -212,8 +207,10 @@ def setup(
     tmp = cache / "bin.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name in targets:
+    for name in targets[:-1]:
         shutil.copy2(cache / "build" / "bin" / name, tmp / name)
+    for lib in (cache / "build" / "bin").glob("*.so*"):  # libllama, libggml*, libmtmd and their version links
+        shutil.copy2(lib, tmp / lib.name, follow_symlinks=False)
     if rpc != "rpc-server":
         (tmp / "rpc-server").symlink_to(rpc)
     out = subprocess.run([str(tmp / "llama-server"), "--version"], capture_output=True, text=True, timeout=60)

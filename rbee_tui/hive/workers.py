@@ -7,6 +7,7 @@ the worker ended; the registry of what runs is hive/records.py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -20,7 +21,9 @@ from typing import Any, BinaryIO
 import psutil
 
 from rbee_tui import files
-from rbee_tui.catalog import CatalogStore, ModelEntry
+from rbee_tui.capacity import MemoryPrediction, check_fits, default_ctx, free_for_workers, predict_worker, room_note
+from rbee_tui.catalog import CatalogStore, ModelEntry, ShapeCache
+from rbee_tui.cluster.planner import DEFAULT_MARGIN
 from rbee_tui.errors import RbeeError
 from rbee_tui.hive import warm
 from rbee_tui.hive.records import (
@@ -30,6 +33,7 @@ from rbee_tui.hive.records import (
     _exit_info,
     failure_reason,
     group_members,
+    memory_in_use,
 )
 from rbee_tui.names import BACKENDS, check_id
 from rbee_tui.worker.client import ENGINE_EMBEDDED, ENGINE_SERVER, ENGINES, probe_health
@@ -108,7 +112,7 @@ def _command(
         # rbee-worker in front of llama-server: the same API, and llama-server lives and dies with it. Its own
         # module rather than the launcher, so a warm agent never forks it (llama-server is its own binary).
         argv = [sys.executable, "-m", "rbee_tui.worker.proxy", "--llama-server", find_llama_server(llama_server)]
-        n_ctx = n_ctx or min(int(entry.metadata.get("context_length") or 4096), 4096)
+        n_ctx = n_ctx or default_ctx(entry.metadata.get("context_length"))
     else:
         argv = [sys.executable, "-m", "rbee_tui.worker.launch"]
     argv += [
@@ -132,6 +136,64 @@ def _command(
     return argv
 
 
+def _parallel(server_args: tuple[str, ...]) -> int:
+    """The slots llama-server will run: the last --parallel/-np among the extra arguments, else the worker's 1."""
+    slots = 1
+    for flag, value in itertools.pairwise(server_args):
+        if flag in ("--parallel", "-np") and value.isdigit():
+            slots = max(int(value), 1)
+    return slots
+
+
+def predict_spawn(
+    store: CatalogStore,
+    entry: ModelEntry,
+    backend: str,
+    engine: str,
+    n_ctx: int | None,
+    server_args: tuple[str, ...] = (),
+) -> MemoryPrediction | None:
+    """What a worker of `entry` spawned with these arguments will hold (its context as the worker will pick it);
+    None when the file's header cannot be read: the worker then starts and says why llama.cpp cannot load it."""
+    shape = ShapeCache(store.models_dir).shapes([Path(entry.path)])[str(Path(entry.path))]
+    if shape is None:
+        return None
+    if not n_ctx:
+        # As the worker picks it: llama-server's from the catalog (see _command), the embedded engine's from the file.
+        trained = entry.metadata.get("context_length") if engine == ENGINE_SERVER else shape.n_ctx_train
+        n_ctx = default_ctx(trained)
+    return predict_worker(shape, n_ctx, backend, _parallel(server_args), engine)
+
+
+def check_room(
+    prediction: MemoryPrediction,
+    registry: Registry,
+    live: list[WorkerRecord],
+    backend: str,
+    gpu: int,
+    memory_budget: int | None,
+    reserve: int | None,
+    what: str = "",
+) -> None:
+    """Refuse (WontFit, with both numbers) a worker whose prediction exceeds the room the node has for it."""
+    if backend == "cpu":
+        vm = psutil.virtual_memory()
+        used, coming = memory_in_use(live)
+        free = free_for_workers(int(vm.available) - coming, int(vm.total), memory_budget, reserve, used)
+        room = room_note(memory_budget, reserve)
+    else:
+        from rbee_tui.hive.status import nvidia_gpus
+
+        gpus, _ = nvidia_gpus()
+        card = next((g for g in gpus if g["index"] == gpu), None)
+        if card is None:
+            return  # check_spawnable has said so already
+        # The budget and reserve are of RAM; a GPU keeps the planner's margin of its free memory.
+        free = int((card["memory_total"] - card["memory_used"]) * (1.0 - DEFAULT_MARGIN))
+        room = f"GPU {gpu}, {DEFAULT_MARGIN:.0%} of its free memory kept free"
+    check_fits(prediction, free, registry.pool_id, f"{prediction.describe()}; room: {room}", what)
+
+
 def spawn(
     store: CatalogStore,
     registry: Registry,
@@ -146,11 +208,15 @@ def spawn(
     llama_server: str | None = None,
     kind: str = "worker",
     server_args: tuple[str, ...] = (),
+    memory_budget: int | None = None,
+    reserve: int | None = None,
 ) -> WorkerRecord:
     """Start a worker detached in its own process group and record it.
 
     `server_args` go to llama-server after the worker's own (later flags win there): a cluster coordinator's
-    --rpc, --tensor-split, -ngl, -c and --fit off.
+    --rpc, --tensor-split, -ngl, -c and --fit off. A worker whose predicted memory exceeds the room the pool has
+    for it (its `memory_budget` or `reserve`, else available memory less a margin) is refused with WontFit
+    before anything starts; a cluster coordinator was placed by the cluster planner and is not checked again.
     """
     from rbee_tui.hive.status import available_backends, nvidia_gpus
 
@@ -160,11 +226,15 @@ def spawn(
     gpus, _ = nvidia_gpus() if backend == "cuda" else ([], None)
     pool_backends = available_backends(gpus, engine) if backend != "cpu" else ["cpu"]
     check_spawnable(entry, backend, gpu, pool_backends, len(gpus))
+    prediction = predict_spawn(store, entry, backend, engine, n_ctx, server_args) if kind == "worker" else None
     registry.dir.mkdir(parents=True, exist_ok=True)
     registry.logs.mkdir(parents=True, exist_ok=True)
     with files.locked(registry.path):
         records = registry.read()
         live = [r for r in records if _alive(r) is not None]
+        if prediction is not None:
+            # Under the registry's lock: two spawns at once cannot both take the same room.
+            check_room(prediction, registry, live, backend, gpu, memory_budget, reserve, entry.id)
         chosen_port, sock = reserve_port(host, port, gpu, {r.port for r in live})
         wid = _worker_id(backend, gpu, {r.id for r in records})
         log_path = registry.logs / f"{wid}.log"
@@ -203,6 +273,7 @@ def spawn(
             exit_file=str(exit_file),
             argv=tuple(argv),
             kind=kind,
+            predicted_bytes=prediction.total if prediction is not None else 0,
         )
         registry.write([*records, record])
     return record

@@ -1,12 +1,14 @@
 """The job board's service: the planned cells, each cell's latest job, and the run going on. No UI imports.
 
 The board reports through one callback with the key of the cell that changed (None: the whole board); the
-job board screen renders what it reads here.
+job board screen and the capacity view render what they read here (the capacity view through `Capacity`, plain
+data built from the jobs' measurements and the stored packing results).
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,13 +17,16 @@ from typing import Any
 
 from rbee_tui.config import MatrixConfig
 from rbee_tui.errors import RbeeError
+from rbee_tui.matrix.capacity_data import Capacity, cell_capacity, packing_of
 from rbee_tui.matrix.plan import Cell
 from rbee_tui.matrix.scheduler import MatrixRunner
 from rbee_tui.matrix.store import FINAL, Store
 from rbee_tui.matrix.survey import gather_plan
+from rbee_tui.matrix.sweep import with_engines
 from rbee_tui.pools.client import PoolClient
 
 AGAIN = ("failed", "pool lost", "cancelled", "interrupted")  # what "retry failed" runs again
+RUNS_LOOKED_AT = 50  # the capacity view looks this far back for a run that swept or measured memory
 
 
 @dataclass
@@ -44,9 +49,11 @@ class MatrixBoard:
         on_change: Callable[[str | None], None],
         on_error: Callable[[str], None],
         db: Path | None = None,
+        save_concurrency: Callable[[tuple[int, ...]], None] | None = None,
     ) -> None:
         self._clients = clients
         self._settings = settings
+        self._save_concurrency = save_concurrency
         self._on_change = on_change
         self._on_error = on_error
         self.db = db
@@ -88,7 +95,8 @@ class MatrixBoard:
         plain = {n for n in everyone if not cfg.pools or n in cfg.pools}
         clusters = [c for c in cfg.clusters if all(n in everyone for n in c)]
         clients = {n: c for n, c in everyone.items() if n in plain | wanted}
-        _, self.cells = await gather_plan(clients, list(cfg.models) or None, clusters, plain)
+        _, cells = await gather_plan(clients, list(cfg.models) or None, clusters, plain)
+        self.cells = with_engines(cells, cfg.engines)  # a column per worker engine when [matrix] engines names two
         self._on_change(None)
         return self.cells
 
@@ -106,6 +114,7 @@ class MatrixBoard:
             max_tokens=settings.max_tokens,
             cluster_ctx=settings.cluster_ctx,
             on_change=self._changed,
+            concurrency=settings.concurrency,
         )
         self.started = time.time()
         if new_run:
@@ -113,11 +122,17 @@ class MatrixBoard:
             self.jobs.clear()
         for cell in cells:
             self.jobs[cell.key] = CellJob(cell.initial_state, cell.skip)
-        self.task = asyncio.create_task(self._go(self.runner, cells), name="matrix")
+        # Stored with the run, as the headless run does: what its sweep levels were.
+        recorded: dict[str, Any] = {"source": "dashboard"}
+        if settings.concurrency:
+            recorded["concurrency"] = list(settings.concurrency)
+        if settings.engines:
+            recorded["engines"] = list(settings.engines)
+        self.task = asyncio.create_task(self._go(self.runner, cells, recorded), name="matrix")
 
-    async def _go(self, runner: MatrixRunner, cells: list[Cell]) -> None:
+    async def _go(self, runner: MatrixRunner, cells: list[Cell], recorded: dict[str, Any]) -> None:
         try:
-            self.run_id = await runner.run(cells, {"source": "dashboard"}, run_id=self.run_id)
+            self.run_id = await runner.run(cells, recorded, run_id=self.run_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reported on the board and in the error log
@@ -228,3 +243,49 @@ class MatrixBoard:
 
     def _skip(self, key: str) -> str:
         return next((c.skip for c in self.cells if c.key == key), "")
+
+    # -- the capacity lab ----------------------------------------------------------------------------------
+
+    @property
+    def concurrency(self) -> tuple[int, ...]:
+        """The concurrency levels the next run sweeps (empty: none)."""
+        return tuple(self._settings().concurrency)
+
+    def set_concurrency(self, levels: tuple[int, ...]) -> None:
+        """Save the levels the next runs sweep in the config's [matrix] (blocking: call it from a thread)."""
+        if self._save_concurrency is None:
+            raise RbeeError("this board has no config file to save the concurrency levels in")
+        self._save_concurrency(levels)
+
+    def capacity(self) -> Capacity:
+        """The board's own run as the capacity view draws it (in memory: no I/O)."""
+        cells = []
+        for key, job in self.jobs.items():
+            entry = cell_capacity(key, job.state, job.measurements)
+            if entry is not None:
+                cells.append(entry)
+        return Capacity(self.run_id, False, tuple(cells))
+
+    def stored_capacity(self) -> Capacity:
+        """The latest stored run that swept or measured memory, and the packing results stored with the latest
+        runs (blocking: call it from a thread)."""
+        try:
+            return self._stored_capacity()
+        except sqlite3.Error as exc:  # busy past the timeout, or not a database: the view says so
+            raise RbeeError(f"could not read the results database: {exc}", "rbee-tui matrix runs checks it") from exc
+
+    def _stored_capacity(self) -> Capacity:
+        store = Store(self.db)
+        try:
+            runs = [r["id"] for r in store.runs()[:RUNS_LOOKED_AT]]
+            run_id, cells = None, []
+            for run in runs:
+                jobs = store.jobs(run)
+                cells = [c for j in jobs if (c := cell_capacity(j["cell"], j["state"], j["measurements"]))]
+                if cells:
+                    run_id = run
+                    break
+            packings = tuple(packing_of(raw, run) for run in runs for raw in store.packings(run))
+        finally:
+            store.close()
+        return Capacity(run_id, True, tuple(cells), packings)

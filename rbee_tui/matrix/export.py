@@ -16,6 +16,7 @@ from typing import Any
 
 from rbee_tui import files
 from rbee_tui.catalog import human_size
+from rbee_tui.matrix import capacity_export
 
 MARK = {"passed": "✅", "failed": "❌", "skipped": "⏭", "pool lost": "⚠", "cancelled": "⚠", "interrupted": "⚠"}
 COLUMNS = (
@@ -38,6 +39,14 @@ COLUMNS = (
     "peak_rss",
     "peak_vram",
     "peak_temp_c",
+    # The memory model against the worker (rbee_tui/capacity.py): predicted, RSS once loaded, the node's RAM in
+    # use (its growth over the cell), what the worker held beyond its weights, and swap traffic during the cell.
+    "predicted_bytes",
+    "rss_loaded",
+    "ram_used_delta",
+    "overhead_bytes",
+    "swap_in_out_bytes",
+    "swapped",
     "build_commit",
     "net_load_bytes",
     "net_prefill_bytes",
@@ -45,6 +54,7 @@ COLUMNS = (
     "needed_bytes",
     "free_bytes",
     "nodes",
+    "concurrency",  # the sweep's levels (matrix/sweep.py); CSV holds it as JSON, as it does a cluster's nodes
     "test_time",
 )
 NODE_COLUMNS = (
@@ -93,6 +103,13 @@ def _size(n: Any) -> str:
     if n is None:
         return "n/a"
     return human_size(int(n)) if n else "0 B"
+
+
+def _swap(row: dict[str, Any]) -> str:
+    """A cell's swap traffic: flagged when the node swapped while it ran, n/a where the node cannot tell."""
+    if row["swap_in_out_bytes"] is None:
+        return "n/a"
+    return f"⚠ {_size(row['swap_in_out_bytes'])}" if row["swapped"] else "none"
 
 
 def _layers(node: dict[str, Any]) -> str:
@@ -166,15 +183,17 @@ def markdown(run: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
         "",
         "## Memory",
         "",
-        "| model | pool | backend | peak_rss | peak_vram | peak_temp_c |",
-        "|---|---|---|---|---|---|",
+        "| model | pool | backend | peak_rss | peak_vram | peak_temp_c | predicted | rss_loaded | overhead "
+        "| ram_used_delta | swap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows(jobs):
         if r["status"] == "passed":
             temp = f"{r['peak_temp_c']:.0f}" if r["peak_temp_c"] is not None else "n/a"
             lines.append(
                 f"| {r['model']} | {r['pool']} | {r['backend']} | {human_size(r['peak_rss'] or 0)} | "
-                f"{human_size(r['peak_vram']) if r['peak_vram'] else 'n/a'} | {temp} |"
+                f"{human_size(r['peak_vram']) if r['peak_vram'] else 'n/a'} | {temp} | {_size(r['predicted_bytes'])} | "
+                f"{_size(r['rss_loaded'])} | {_size(r['overhead_bytes'])} | {_size(r['ram_used_delta'])} | {_swap(r)} |"
             )
     clusters = [r for r in rows(jobs) if r["backend"] == "rpc" and (r["status"] == "passed" or r["needed_bytes"])]
     if clusters:
@@ -200,6 +219,7 @@ def markdown(run: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
                     f"{n['link']} | {_size(n['net_load_bytes'])} | {_size(n['net_prefill_bytes'])} | "
                     f"{_size(n['net_decode_bytes'])} |"
                 )
+    lines += capacity_export.markdown(jobs, run.get("packings") or [])
     failures = [r for r in rows(jobs) if r["status"] not in ("passed",) and r["reason"]]
     if failures:
         lines += ["", "## Not passed", ""]
@@ -216,7 +236,9 @@ def to_csv(jobs: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
     writer.writeheader()
     # A cluster's nodes go in one cell, as JSON: one row per job whatever the cluster's size.
-    writer.writerows({**r, "nodes": json.dumps(r["nodes"]) if r["nodes"] else ""} for r in rows(jobs))
+    writer.writerows(
+        {**r, **{k: json.dumps(r[k]) if r[k] else "" for k in ("nodes", "concurrency")}} for r in rows(jobs)
+    )
     return buf.getvalue()
 
 
@@ -245,7 +267,8 @@ def to_html(run: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
                 f"{html.escape(text)}</td>"
             )
         body.append(f"<tr><th>{html.escape(model)}</th>{''.join(cells)}</tr>")
-    flat = [c for c in COLUMNS if c != "nodes"]
+    packings = run.get("packings") or []
+    flat = [c for c in COLUMNS if c not in ("nodes", "concurrency")]
     detail_head = "".join(f"<th>{c}</th>" for c in flat)
     detail = "".join(
         "<tr>" + "".join(f"<td>{html.escape('' if r[c] is None else str(r[c]))}</td>" for c in flat) + "</tr>"
@@ -276,7 +299,8 @@ def to_html(run: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
         f"<p>Run {run.get('id')} ({html.escape(str(run.get('state')))}), "
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(run.get('started_at', 0)))} UTC. {html.escape(METHOD)}.</p>"
         f"<table><tr><th>model</th>{head}</tr>{''.join(body)}</table>"
-        f"<table><tr>{detail_head}</tr>{detail}</table>{detail_nodes}</body></html>\n"
+        f"<table><tr>{detail_head}</tr>{detail}</table>{detail_nodes}"
+        f"{capacity_export.html_charts(jobs, packings)}{capacity_export.html_tables(jobs, packings)}</body></html>\n"
     )
 
 
@@ -293,4 +317,8 @@ def write(run: dict[str, Any], jobs: list[dict[str, Any]], formats: list[str], o
         path = Path(out) / ("MODEL_SUPPORT.md" if fmt == "md" else f"matrix-run-{run.get('id')}.{fmt}")
         files.atomic_write(path, text)
         written.append(path)
+        if fmt == "csv":  # a row per sweep level and per packed worker, in files of their own
+            for name, extra in capacity_export.csv_files(jobs, run.get("packings") or []).items():
+                written.append(Path(out) / f"matrix-run-{run.get('id')}-{name}.csv")
+                files.atomic_write(written[-1], extra)
     return written

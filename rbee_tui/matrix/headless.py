@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rbee_tui.config import DEFAULT_CLUSTER_CTX, Config, cluster_spec
+from rbee_tui.config import DEFAULT_CLUSTER_CTX, Config, cluster_spec, concurrency_levels, engine_names
 from rbee_tui.errors import CorruptFileError, RbeeError
 from rbee_tui.matrix import export
 from rbee_tui.matrix.scheduler import MatrixRunner
 from rbee_tui.matrix.store import FINAL, Store, default_path
 from rbee_tui.matrix.survey import survey
+from rbee_tui.matrix.sweep import with_engines
 from rbee_tui.pools.client import PoolClient
 
 SUMMARY = (
@@ -56,6 +57,10 @@ def _line(done: int, total: int, job: dict[str, Any]) -> str:
     extra = ""
     if job["state"] == "passed":
         extra = f"  load {job['load_s']:.2f}s  ttft {job['ttft_ms']:.0f} ms  {job['avg_ts']:.1f} tok/s"
+        levels = job.get("concurrency") or []
+        if levels:  # the sweep's ends: aggregate tokens/s at the lowest and the highest level
+            extra += f"  sweep x{levels[0]['level']} {levels[0]['aggregate_tps']:.1f}"
+            extra += f" -> x{levels[-1]['level']} {levels[-1]['aggregate_tps']:.1f} tok/s"
     elif job.get("reason"):
         extra = f"  {job['reason']}"
     return f"[{done:>3}/{total}] {shown_state(job):<10} {job['cell']}{extra}"
@@ -90,12 +95,15 @@ async def run(
     max_tokens: int = 16,
     clusters: list[tuple[str, ...]] | None = None,
     cluster_ctx: int = DEFAULT_CLUSTER_CTX,
+    concurrency: tuple[int, ...] = (),
+    engines: tuple[str, ...] = (),
 ) -> int:
     """Run the matrix, print a line per finished cell, write the exports; 0 only if cells ran and none failed.
 
     A run in which no cell could be tested (all skipped, or on lost pools) is an error, after its exports.
     `clusters` adds a column per cluster (`rpc@head+node+...`); their pools are connected even when `pools`
-    leaves them out (they then get no cells of their own).
+    leaves them out (they then get no cells of their own). `concurrency` sweeps every plain cell at those
+    levels after its test; `engines` gives each pool a column per worker engine (`cpu`, `cpu/llama-server`).
     """
     clusters = clusters or []
     selected = [config.pool(p) for p in pools] if pools else list(config.pools)
@@ -113,6 +121,7 @@ async def run(
         models, cells, info = await survey(clients, models, clusters, plain)
         if named:
             check_models_known(models, info)
+        cells = with_engines(cells, engines)
         if not cells:
             raise RbeeError("nothing to test", "name models with --models, or download one first")
         keys = {}
@@ -128,7 +137,9 @@ async def run(
 
         # Its writes go through the runner's writer thread: a lock held by another process (a dashboard's run)
         # never stalls this loop, which keeps the pools' connections and metrics going.
-        runner = MatrixRunner(clients, db, max_tokens=max_tokens, cluster_ctx=cluster_ctx, on_change=progress)
+        runner = MatrixRunner(
+            clients, db, max_tokens=max_tokens, cluster_ctx=cluster_ctx, on_change=progress, concurrency=concurrency
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, runner.cancel)
@@ -137,6 +148,10 @@ async def run(
         settings: dict[str, Any] = {"models": models, "pools": sorted(plain), "max_tokens": max_tokens}
         if clusters:
             settings.update(clusters=["+".join(c) for c in clusters], cluster_ctx=cluster_ctx)
+        if concurrency:
+            settings["concurrency"] = list(concurrency)
+        if engines:
+            settings["engines"] = list(engines)
         run_id = await runner.run(cells, settings)
         run_row, jobs = await asyncio.to_thread(_read_run, db, run_id)
         for path in export.write(run_row, jobs, formats, out):
@@ -275,8 +290,26 @@ def main_run(config: Config, args: Any) -> int:
     if cluster_ctx < 1:
         raise RbeeError(f"--cluster-ctx must be positive, got {cluster_ctx}")
     db = Path(args.db) if args.db else None
+    given = getattr(args, "concurrency", None)
+    sweep = concurrency_levels(given, "--concurrency") if given else config.matrix.concurrency
+    given = getattr(args, "engines", None)
+    engines = engine_names(given, "--engines") if given else config.matrix.engines
     try:
-        return asyncio.run(run(config, pools, models, formats, Path(args.out), db, max_tokens, clusters, cluster_ctx))
+        return asyncio.run(
+            run(
+                config,
+                pools,
+                models,
+                formats,
+                Path(args.out),
+                db,
+                max_tokens,
+                clusters,
+                cluster_ctx,
+                concurrency=sweep,
+                engines=engines,
+            )
+        )
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-MEMORY_MARGIN = 1.2  # a model needs its file size plus room for the KV cache and the runtime
+from rbee_tui.capacity import WontFit, free_for_workers
+from rbee_tui.cluster.planner import DEFAULT_MARGIN
+
 CLUSTER_BACKEND = "rpc"  # a cluster column: llama.cpp RPC over a set of pools, the first one the head
 
 
@@ -67,6 +69,31 @@ def cluster_cells(models: list[str], clusters: list[tuple[str, ...]], pools: dic
     return cells
 
 
+def memory_skip(model: str, pool: str, backend: str, entry: dict[str, Any], info: dict[str, Any]) -> str:
+    """Why a model will not fit on a pool, from its catalog `memory` prediction and the pool's status at connect
+    ("" when it fits or cannot be judged yet: a model not downloaded has no prediction, and the node checks
+    again at spawn). The matrix checks once more against the pool's last sample before it starts the cell."""
+    memory = entry.get("memory")
+    status = info.get("status") or {}
+    if not memory:
+        return ""
+    if backend == "cpu":
+        available = status.get("ram_available")
+        if not available:
+            return ""
+        free = free_for_workers(
+            int(available), int(status.get("ram_total") or available), info.get("memory_budget"), info.get("reserve"), 0
+        )
+        need = int(memory["total"])
+    else:
+        gpus = status.get("gpus") or []
+        if not gpus or not memory.get("vram"):
+            return ""
+        free = int(max(g["memory_total"] - g.get("memory_used", 0) for g in gpus) * (1.0 - DEFAULT_MARGIN))
+        need = int(memory["vram"])
+    return WontFit(need, max(free, 0), pool, what=model).message if need > free else ""
+
+
 def plan(
     models: list[str],
     pools: dict[str, dict[str, Any]],
@@ -76,7 +103,7 @@ def plan(
 
     `pools` maps a pool name to {"backends": configured backends, "status": rbee-hive status or {},
     "catalog": its catalog or {}, "lost": reason or "", "plain": False for a pool connected only for a
-    cluster}.
+    cluster, and optionally "memory_budget" and "reserve" (bytes, the pool's config)}.
     """
     cells: list[Cell] = []
     for pool, info in pools.items():
@@ -99,13 +126,6 @@ def plan(
                 elif backend not in entry["backends"]:
                     skip = f"{model} doesn't support {backend}"
                 else:
-                    need = entry["size_bytes"] * MEMORY_MARGIN
-                    if backend == "cuda":
-                        gpus = status.get("gpus") or []
-                        free = max((g["memory_total"] - g.get("memory_used", 0) for g in gpus), default=0)
-                    else:
-                        free = status.get("ram_available", 0)
-                    if free and need > free:
-                        skip = f"{model} needs {need / 1e9:.1f} GB, {pool} has {free / 1e9:.1f} GB free"
+                    skip = memory_skip(model, pool, backend, entry, info)
                 cells.append(Cell(model, pool, backend, gpu, skip))
     return cells + cluster_cells(models, clusters or [], pools)

@@ -13,13 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rbee_tui.capacity import MemoryWatch, WontFit, refusal
 from rbee_tui.cluster.meter import Counts
 from rbee_tui.cluster.planner import Refusal
 from rbee_tui.cluster.runtime import Cluster
 from rbee_tui.config import DEFAULT_CLUSTER_CTX
 from rbee_tui.errors import RbeeError
-from rbee_tui.matrix.plan import MEMORY_MARGIN, Cell
+from rbee_tui.matrix.plan import Cell
 from rbee_tui.matrix.store import Store, StoreWriter, default_path
+from rbee_tui.matrix.sweep import spawn_args, split_backend, sweep, worker_parallel
 from rbee_tui.pools.client import CONNECTED, PoolClient, PoolEvent, PoolUnreachable, SampleReceived
 from rbee_tui.worker.client import execute
 
@@ -42,6 +44,7 @@ class MatrixRunner:
         seed: int = 42,
         cluster_ctx: int = DEFAULT_CLUSTER_CTX,
         on_change: Callable[[dict[str, Any]], None] | None = None,
+        concurrency: tuple[int, ...] = (),
     ) -> None:
         self.clients = clients
         self.path = store.path if isinstance(store, Store) else Path(store or default_path())
@@ -50,6 +53,7 @@ class MatrixRunner:
         self.max_tokens = max_tokens
         self.seed = seed
         self.cluster_ctx = cluster_ctx
+        self.concurrency = tuple(sorted(set(concurrency)))  # a plain cell's sweep levels (matrix/sweep.py)
         self.locks: dict[str, asyncio.Lock] = {}  # one job at a time on a pool, whether its own or a cluster's
         self.on_change = on_change or (lambda job: None)
         self.tasks: list[asyncio.Task[None]] = []
@@ -158,11 +162,13 @@ class MatrixRunner:
     async def _job(self, run_id: int, client: PoolClient, cell: Cell, job_id: int) -> None:
         peaks = {"peak_rss": 0, "peak_vram": 0, "peak_temp_c": None}
         worker_id: list[str] = []
+        memory = MemoryWatch()  # the node's RAM and swap over the cell, for predicted against measured
 
         def watch(event: PoolEvent) -> None:
             if not isinstance(event, SampleReceived):
                 return
             s = event.sample
+            memory.observe(s)
             if s.temps:
                 peaks["peak_temp_c"] = max(peaks["peak_temp_c"] or 0, *s.temps)
             row = s.worker(worker_id[0]) if worker_id else None
@@ -177,9 +183,18 @@ class MatrixRunner:
             if model is None:
                 return
             sample = client.view.last_sample
-            if sample and cell.backend == "cpu" and model["size_bytes"] * MEMORY_MARGIN > sample.ram.available:
-                self._update(run_id, job_id, "skipped", "not enough free memory on the pool now", **measured)
+            # A column may name its engine (cpu/llama-server): that worker gets a slot per stream of the sweep.
+            backend, engine = split_backend(cell.backend)
+            pool = client.pool
+            refused = refusal(
+                model.get("memory"), sample, pool.memory_budget, pool.reserve, pool.name, backend, cell.gpu, cell.model
+            )
+            if refused is not None:  # the memory model says it would not fit: nothing is started
+                measured.update(needed_bytes=refused.needed_bytes, free_bytes=refused.free_bytes)
+                self._update(run_id, job_id, "skipped", refused.message, **measured)
                 return
+            if sample is not None:
+                memory.observe(sample)  # the node before the worker
             await self._download(run_id, job_id, client, cell, model, measured)
             self._update(run_id, job_id, "spawning", **measured)
             t1 = time.monotonic()
@@ -188,9 +203,16 @@ class MatrixRunner:
                 worker_id.append(w["id"])
                 self._update(run_id, job_id, "loading", **measured)
 
-            spawn = client.spawn_worker(cell.backend, cell.model, gpu=cell.gpu, timeout=600, on_spawned=spawned)
-            w = await self._checked(client, spawn)
+            extra = spawn_args(engine, self.concurrency)
+            spawn = client.spawn_worker(backend, cell.model, *extra, gpu=cell.gpu, timeout=600, on_spawned=spawned)
+            try:
+                w = await self._checked(client, spawn)
+            except WontFit as exc:  # the node's own check, from its own readings: nothing was started
+                measured.update(needed_bytes=exc.needed_bytes, free_bytes=exc.free_bytes)
+                self._update(run_id, job_id, "skipped", exc.message, **measured)
+                return
             measured["load_s"] = round(time.monotonic() - t1, 3)
+            rss_loaded = w.get("rss_bytes")
             url = w["client_url"]
             self._update(run_id, job_id, "running", **measured)
             first, health = await self._generate(url, w["engine"])
@@ -198,11 +220,18 @@ class MatrixRunner:
                 raise RbeeError(f"another worker ({health.get('model')}) answers on port {w['port']}")
             second, _ = await self._generate(url, w["engine"])
             self._update(run_id, job_id, "verifying", **measured)
-            n_gpu_layers = 0 if cell.backend == "cpu" else 99
+            n_gpu_layers = 0 if backend == "cpu" else 99
             build = f"{w['engine']} {health.get('engine_version', '')}"
             _record_runs(measured, first, second, n_gpu_layers, build)
+            if self.concurrency:
+                await self._sweep(run_id, job_id, url, w["engine"], measured)
             await _last_rss(client, worker_id[0], peaks)
             measured.update({k: v for k, v in peaks.items() if v})
+            if client.view.last_sample is not None:
+                memory.observe(client.view.last_sample)
+            measured.update(
+                memory.measurements(model.get("memory"), rss_loaded, peaks["peak_rss"], peaks["peak_vram"], backend)
+            )
             # The log of a passed job is kept too: its details show how the worker loaded.
             self._update(run_id, job_id, "passed", "", await self._log_tail(client, worker_id[0]), **measured)
         except RbeeError as exc:
@@ -216,6 +245,24 @@ class MatrixRunner:
             if worker_id:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(client.stop_worker(worker_id[0]))
+
+    async def _sweep(self, run_id: int, job_id: int, url: str, engine: str, measured: dict[str, Any]) -> None:
+        """The cell's concurrency sweep (matrix/sweep.py), each level stored as soon as it is measured."""
+
+        def level_done(levels: list[dict[str, Any]]) -> None:
+            measured["concurrency"] = levels
+            self._update(run_id, job_id, "running", f"concurrency {levels[-1]['level']} measured", **measured)
+
+        await sweep(
+            url,
+            engine,
+            self.concurrency,
+            parallel=worker_parallel(engine, self.concurrency),
+            prompt=TEST_PROMPT,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+            on_level=level_done,
+        )
 
     async def _model(
         self, run_id: int, job_id: int, client: PoolClient, cell: Cell, measured: dict[str, Any]
@@ -317,6 +364,7 @@ class MatrixRunner:
             build = f"llama-server {cluster.head_info.get('build', '')}"
             _record_runs(measured, first, second, placement.n_layer + 1, build)
             await _last_rss(head, coordinator[0], peaks)
+            await asyncio.gather(*(_last_ram(self.clients[p], nodes[p]) for p in members))
             # prefill: from the request to the first token; decode: from the first token to the end
             start, first_token, end = marks[0], marks[1] if len(marks) > 2 else marks[-1], marks[-1]
             per_node = self._nodes(cluster, nodes, at_load, start, first_token, end)
@@ -446,6 +494,14 @@ def _record_runs(
         raise RbeeError("no tokens were generated")
     if first["text"] != second["text"]:
         raise RbeeError("the same seed gave different text on the second run")
+
+
+async def _last_ram(client: PoolClient, node: dict[str, Any]) -> None:
+    """A node's RAM in use now, so a cell shorter than a sampling interval still has each node's memory."""
+    with contextlib.suppress(RbeeError, TimeoutError):
+        async with asyncio.timeout(10):
+            status = await client.hive("status")
+        node["peak_ram_used"] = max(node["peak_ram_used"], int(status["ram_total"]) - int(status["ram_available"]))
 
 
 async def _last_rss(client: PoolClient, worker_id: str, peaks: dict[str, Any]) -> None:

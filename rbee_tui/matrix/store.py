@@ -53,6 +53,13 @@ CREATE TABLE IF NOT EXISTS events (
     state TEXT NOT NULL,
     detail TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS packings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    at REAL NOT NULL,
+    pool TEXT NOT NULL,
+    result TEXT NOT NULL
+);
 """
 FINAL = ("passed", "failed", "skipped", "pool lost", "cancelled", "interrupted")
 
@@ -238,9 +245,30 @@ class Store:
         ]
 
     def run(self, run_id: int) -> dict[str, Any]:
-        """A run's row."""
+        """A run's row, with its packing results (`packings`: what `capacity pack` stored with it)."""
         row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return {**dict(row), "settings": json.loads(row["settings"])} if row else {}
+        if not row:
+            return {}
+        return {**dict(row), "settings": json.loads(row["settings"]), "packings": self.packings(run_id)}
+
+    def add_packing(self, run_id: int, result: dict[str, Any]) -> int:
+        """Keep a packing result (matrix/packing.py's shape) with a run; its id."""
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT INTO packings (run_id, at, pool, result) VALUES (?, ?, ?, ?)",
+                (run_id, time.time(), result.get("pool", ""), json.dumps(result)),
+            )
+        return int(cur.lastrowid or 0)
+
+    def packings(self, run_id: int) -> list[dict[str, Any]]:
+        """A run's packing results, oldest first."""
+        try:
+            found = self.db.execute("SELECT result FROM packings WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # a database from before packing, opened read-only: none
+                return []
+            raise
+        return [json.loads(r["result"]) for r in found]
 
     def runs(self) -> list[dict[str, Any]]:
         """Every run, newest first."""

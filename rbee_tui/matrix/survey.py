@@ -41,6 +41,8 @@ async def survey(
             "catalog": {},
             "lost": "" if c.view.state == CONNECTED else (c.view.reason or c.view.state),
             "plain": plain is None or name in plain,
+            "memory_budget": c.pool.memory_budget,  # what a cell may use there (rbee_tui/capacity.py)
+            "reserve": c.pool.reserve,
         }
         if not entry["lost"]:
             try:

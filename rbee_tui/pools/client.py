@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rbee_tui import PROTOCOL, __version__
+from rbee_tui.capacity import WontFit
 from rbee_tui.config import PoolConfig
 from rbee_tui.errors import RbeeError
 from rbee_tui.pools.agent import Agent
@@ -341,6 +342,8 @@ class PoolClient:
                 f"rbee-hive is not installed on {self.pool.name} ({err.strip() or 'exit 127'})", INSTALL_HINT
             )
         if rc != 0:
+            if isinstance(last, dict) and last.get("kind") == WontFit.KIND:
+                raise WontFit.from_json(last)  # typed, with its numbers: the message names the pool already
             if isinstance(last, dict) and "error" in last:
                 raise RbeeError(f"pool {self.pool.name}: {last['error']}", last.get("hint"))
             if isinstance(last, dict) and last.get("problems"):  # e.g. `models verify`: what is wrong, not "exit 1"
@@ -420,6 +423,11 @@ class PoolClient:
         point, this stops what the node started: no worker is left running that nobody knows of.
         """
         args = ["worker", "spawn", backend, "--model", model, "--gpu", str(gpu), *extra]
+        # The pool's memory limits as this config has them: the node refuses what would not fit (WontFit).
+        if self.pool.memory_budget is not None:
+            args += ["--memory-budget", str(self.pool.memory_budget)]
+        if self.pool.reserve is not None:
+            args += ["--reserve", str(self.pool.reserve)]
         call = asyncio.ensure_future(self.hive(*args))
         try:
             # Shielded: a cancelled spawn still gets the node's answer, which names the worker to stop.

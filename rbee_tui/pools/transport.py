@@ -99,6 +99,7 @@ class LocalTransport:
                 timeout=timeout,
                 env=os.environ.copy(),
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in the terminal is ours to handle, not the node's (see stream)
             )
         except subprocess.TimeoutExpired:
             raise TimeoutError from None
@@ -112,6 +113,9 @@ class LocalTransport:
             stderr=asyncio.subprocess.DEVNULL,
             env=os.environ.copy(),
             limit=1 << 20,
+            # Its own session: Ctrl-C in the terminal reaches the whole foreground process group, and the local
+            # agent must outlive it long enough for us to stop the workers we started through it.
+            start_new_session=True,
         )
 
         async def lines() -> AsyncIterator[str]:

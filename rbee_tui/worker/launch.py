@@ -19,7 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import llama_cpp  # noqa: F401
     except Exception as exc:  # one line, no traceback: rbee-hive shows it as the reason
-        sys.stderr.write(f"rbee-worker: error: llama-cpp-python cannot be loaded: {exc}\n")
+        hint = ""
+        if "not found" in str(exc):  # installed without its own library, and this node has no build yet
+            hint = " (build llama.cpp on this node: scripts/build-llama-cpp.sh, or rbee-tui pool NAME setup)"
+        sys.stderr.write(f"rbee-worker: error: llama-cpp-python cannot be loaded: {exc}{hint}\n")
         return 2
     from rbee_tui.worker.server import main as serve
 

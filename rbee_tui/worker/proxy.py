@@ -4,9 +4,9 @@
 and answers clients on the worker's port itself: every request goes through the same checks as the embedded
 worker's (openai_check.py, the same table and errors), is forwarded with every parameter spelled out, and its
 answer comes back in the embedded worker's shape (relay.py), streams relayed chunk by chunk. Requests queue
-here in arrival order, one at a time (llama-server runs one slot), so /health counts them and /cancel can
-drop one. When llama-server ends, the worker ends too, with the reason; when the worker stops, llama-server
-stops with it.
+here in arrival order and run as many at once as llama-server has slots (one, unless the spawn's extra
+arguments say `--parallel N`: continuous batching), so /health counts them and /cancel can drop one. When
+llama-server ends, the worker ends too, with the reason; when the worker stops, llama-server stops with it.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class ProxyWorker:
         # The same test the embedded worker makes of the template: it shows the model its tools and writes calls.
         self.tools_supported = caps is None or bool(caps.get("supports_tools") and caps.get("supports_tool_calls"))
         self.engine_version = str(props.get("build_info") or "unknown")
+        self.queue.slots = max(1, int(props.get("total_slots") or 1))
         self.status = "ready"
         log.info(
             "model loaded in %.1f ms (n_ctx=%d, backend=%s)",

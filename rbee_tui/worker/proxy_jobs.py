@@ -1,6 +1,7 @@
-"""The queue of a llama-server worker: requests in arrival order, one running at a time.
+"""The queue of a llama-server worker: requests in arrival order, as many running at once as llama-server has
+slots (one unless the worker was spawned with `--parallel N`, which batches N requests continuously).
 
-llama-server runs one slot and would queue requests itself; queueing them here instead lets the worker answer
+llama-server would queue requests beyond its slots itself; queueing them here instead lets the worker answer
 /health (`busy`, `queue`) and /cancel (a queued request leaves at once, a running one is stopped) as the
 embedded worker does, with the same arrival and start numbers in `/execute` summaries.
 """
@@ -27,17 +28,23 @@ class Job:
 
 
 class Queue:
-    """Requests in arrival order, one running at a time: what /health counts and /cancel finds."""
+    """Requests in arrival order, `slots` running at a time: what /health counts and /cancel finds."""
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int = 1) -> None:
+        self.slots = slots  # llama-server's own slots: that many requests run at once (continuous batching)
         self.jobs: dict[str, Job] = {}
         self.waiting: deque[tuple[Job, asyncio.Future[bool]]] = deque()
-        self.running: Job | None = None
+        self.active: list[Job] = []
         self._arrival = itertools.count(1)
         self._started = itertools.count(1)
 
+    @property
+    def running(self) -> Job | None:
+        """The job started last of those running."""
+        return self.active[-1] if self.active else None
+
     def __len__(self) -> int:
-        return len(self.waiting) + (self.running is not None)
+        return len(self.waiting) + len(self.active)
 
     def add(self, jid: str) -> Job:
         """A new job; BadRequest when its id is taken."""
@@ -48,11 +55,12 @@ class Queue:
         return job
 
     def _start(self, job: Job) -> None:
-        job.state, job.started_seq, self.running = "running", next(self._started), job
+        job.state, job.started_seq = "running", next(self._started)
+        self.active.append(job)
 
     async def turn(self, job: Job) -> bool:
         """Wait for `job`'s turn: True when it runs, False when it was cancelled while it waited."""
-        if self.running is None and not self.waiting:
+        if len(self.active) < self.slots and not self.waiting:
             self._start(job)
             return True
         turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -80,14 +88,13 @@ class Queue:
         """A job has ended: the next one runs."""
         job.state = "done"
         self.jobs.pop(job.id, None)
-        if self.running is job:
-            self.running = None
-            while self.waiting:
+        if job in self.active:
+            self.active.remove(job)
+            while self.waiting and len(self.active) < self.slots:
                 nxt, turn = self.waiting.popleft()
                 if not turn.done():
                     self._start(nxt)
                     turn.set_result(True)
-                    return
 
     def cancel_all(self) -> None:
         """Stop every job."""

@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from rbee_tui.errors import RbeeError
+from rbee_tui.llama_build import cached
 
 STOP_GRACE_S = 8.0  # below rbee-hive's 10 s before it kills the whole process group
 _PR_SET_PDEATHSIG = 1
@@ -154,15 +155,19 @@ class LlamaServer:
         return await self.wait()
 
 
-def find_llama_server(explicit: str | None) -> str:
-    """The llama-server binary: --llama-server, the pool's config, $RBEE_LLAMA_SERVER, or PATH."""
+def find_llama_server(explicit: str | None = None) -> str:
+    """The llama-server binary: --llama-server / the pool's key, $RBEE_LLAMA_SERVER, PATH, else the node's
+    build (rbee-hive setup, scripts/build-llama-cpp.sh)."""
     for candidate in (explicit, os.environ.get("RBEE_LLAMA_SERVER"), shutil.which("llama-server")):
         if candidate:
             path = Path(candidate).expanduser()
             if path.is_file() and os.access(path, os.X_OK):
                 return str(path)
             raise RbeeError(f"llama-server not found at {path}")
+    found = cached(("llama-server",))
+    if found:
+        return found
     raise RbeeError(
-        "llama-server is not installed on this pool",
-        "build it with scripts/build-llama-cpp.sh and set llama_server in the pool's config",
+        "llama-server is not installed on this node",
+        "build it with scripts/build-llama-cpp.sh (or rbee-hive setup), or set llama_server in the pool's config",
     )

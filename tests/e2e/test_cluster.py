@@ -28,10 +28,11 @@ from rbee_tui.cluster.planner import RPC_SERVER_OVERHEAD, MiB, Placement
 from rbee_tui.cluster.runtime import Cluster
 from rbee_tui.config import PoolConfig
 from rbee_tui.errors import RbeeError
-from rbee_tui.hive.rpc import build_cache, find_llama_server
+from rbee_tui.hive.rpc import build_cache
 from rbee_tui.pools.client import CONNECTED, PoolClient
 from rbee_tui.tinymodel import TinySpec, write_model
 from rbee_tui.worker.client import execute
+from rbee_tui.worker.upstream import find_llama_server
 from tests.conftest import BIN
 from tests.support.hub import HubServer
 from tests.support.site import Site

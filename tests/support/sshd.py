@@ -77,8 +77,11 @@ class Sshd:
             "LogLevel ERROR",
             "ClientAliveInterval 0",
         ]
-        if self.env:
-            lines.append("SetEnv " + " ".join(f"{k}={v}" for k, v in self.env.items()))
+        # A login shell that runs `pyenv init` (some images' root .bashrc does) waits up to 60 s on pyenv's rehash
+        # lock when a session killed mid-rehash left it behind, and the tests kill sessions on purpose (a pool
+        # lost): give up on the rehash at once instead of stalling every later session.
+        env = {"PYENV_REHASH_TIMEOUT": "0", **self.env}
+        lines.append("SetEnv " + " ".join(f"{k}={v}" for k, v in env.items()))
         cfg.write_text("\n".join(lines) + "\n")
         return cfg
 

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import socket
 from pathlib import Path
 
+from textual import events
+from textual.color import Color
 from textual.widgets import DataTable, ListView, ProgressBar
 
 from rbee_tui.app import RbeeApp
 from rbee_tui.config import Config, PoolConfig
+from rbee_tui.ui.format import gib
 from rbee_tui.ui.screens.dialogs import ConfirmDialog, PoolDialog, RegisterDialog, SpawnDialog
 from rbee_tui.ui.screens.info import ErrorLogScreen, HelpScreen, OverviewScreen, WorkerLogScreen
 from rbee_tui.ui.widgets.catalog import COLUMNS
 from rbee_tui.ui.widgets.downloads import DownloadItem, DownloadsPane
 from rbee_tui.ui.widgets.gauges import Gauge
-from rbee_tui.ui.widgets.pools import PoolList
+from rbee_tui.ui.widgets.pools import PoolList, one_line
 from tests.support import waiting
 from tests.support.hub import HubServer
 
@@ -53,6 +58,37 @@ async def cursor_to(pilot, app: RbeeApp, table_id: str, key: str) -> None:
         await pilot.press("down" if table.cursor_row < target else "up")
 
 
+def screen_lines(app: RbeeApp) -> list[str]:
+    """The terminal's text as the user sees it, one string per line."""
+    return [strip.text for strip in app.screen._compositor.render_strips()]
+
+
+def pool_rows_on_screen(app: RbeeApp) -> dict[str, tuple[int, int, str, str]]:
+    """Every pool row drawn in the list: pool -> (x, y) of its name line and the two lines' text."""
+    region = app.screen_stack[0].query_one(PoolList).scrollable_content_region  # the rows, not the scrollbar
+    lines = [line[region.x : region.right].strip() for line in screen_lines(app)[region.y : region.bottom]]
+    rows = {}
+    for y, (title, detail) in enumerate(itertools.pairwise(lines), region.y):
+        mark, _, name = title.partition(" ")
+        if mark in ("●", "◌", "✖", "?") and name and name not in rows:
+            rows[name] = (region.x + 1, y, title, detail)
+    return rows
+
+
+def pool_on_screen(app: RbeeApp, pool: str) -> tuple[int, int] | None:
+    """Where `pool`'s name is drawn (screen x, y), or None if its row is not in view."""
+    row = pool_rows_on_screen(app).get(pool)
+    return row[:2] if row else None
+
+
+async def click_pool(pilot, pool: str) -> None:
+    """Click a pool's row where it is drawn, as a person would."""
+    at = pool_on_screen(pilot.app, pool)
+    assert at is not None, f"{pool} is not in view"
+    await pilot.click(offset=at)
+    await pilot.pause()
+
+
 async def test_enter_and_click_on_a_pool_go_into_its_panes(models_dir: Path) -> None:
     app = RbeeApp(local_config(models_dir))
     async with app.run_test(size=(120, 40)) as pilot:
@@ -60,9 +96,8 @@ async def test_enter_and_click_on_a_pool_go_into_its_panes(models_dir: Path) -> 
         assert isinstance(app.focused, PoolList)  # where a new user starts
         await pilot.press("enter")  # this crashed the app once
         assert app.focused is app.query_one("#catalog", DataTable)
-        await pilot.click("#pool-local")
-        await pilot.pause()
-        assert app.is_running
+        await click_pool(pilot, "local")
+        assert app.is_running and app.focused is app.query_one("#catalog", DataTable)
         # A click on a pane's tab makes that pane's keys work at once.
         await pilot.click("#--content-tab-tab-workers")
         await pilot.press("s")
@@ -75,6 +110,78 @@ async def test_enter_and_click_on_a_pool_go_into_its_panes(models_dir: Path) -> 
         assert "local" in cells(app, "#catalog", 6)[-1]
         await pilot.press("q")
     assert app.return_code == 0
+
+
+def assert_rows_drawn(app: RbeeApp) -> None:
+    """Every row in view shows what the list holds for its pool (nothing stale from before a scroll)."""
+    pools = app.screen_stack[0].query_one(PoolList)
+    drawn = pool_rows_on_screen(app)
+    assert drawn
+    for pool, (_, _, title, detail) in drawn.items():
+        row = pools.row(pool)
+        assert row is not None, pool
+        for drawn, text in zip((title, detail), row.lines, strict=True):
+            # A line too long for the list is cut with an ellipsis.
+            assert drawn == text or (drawn.endswith("…") and text.startswith(drawn[:-1].rstrip())), (pool, drawn)
+
+
+async def test_a_long_pool_list_by_keys_wheel_and_clicks(models_dir: Path, tmp_path: Path) -> None:
+    """More pools than fit: a pool that never answers, 30 that refuse, and the live local pool at the bottom."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts and never says a word: a pool stuck connecting
+    kh = str(tmp_path / "kh")
+    gone = [
+        PoolConfig(name=f"gone-{i:02d}", transport="ssh", host="127.0.0.1", port=9, known_hosts=kh) for i in range(30)
+    ]
+    hush = PoolConfig(name="hush", transport="ssh", host="127.0.0.1", port=silent.getsockname()[1], known_hosts=kh)
+    app = RbeeApp(Config(pools=(hush, *gone, local_config(models_dir).pools[0])), sample_interval=0.5, max_backoff=60)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            pools = app.query_one(PoolList)
+            assert app.focused is pools and app.selected == "hush"
+            error, warning = (Color.parse(c) for c in (app.current_theme.error, app.current_theme.warning))
+
+            def styled(pool: str, color: Color, bold: bool | None = None) -> bool:
+                at = pool_on_screen(app, pool)
+                style = app.screen.get_style_at(*at) if at else None
+                if style is None or bold not in (None, style.bold):
+                    return False
+                drawn = Color.from_rich_color(style.color)  # blended over the row's background: a shade off
+                return max(abs(a - b) for a, b in zip(drawn.rgb, color.rgb, strict=True)) <= 8
+
+            # A lost pool says so on its second line, its name in the theme's error colour; a pending one in amber.
+            await until(pilot, lambda: styled("gone-00", error, bold=True), 30, "gone-00 drawn as lost")
+            assert pool_rows_on_screen(app)["gone-00"][3].startswith(("lost: ", "reconnecting: "))
+            assert app.fleet.client("hush").view.state == "connecting" and styled("hush", warning)
+            assert_rows_drawn(app)
+
+            # j/k and the arrows move the highlight; the list follows it down to the last pool.
+            await pilot.press("j")
+            assert app.selected == "gone-00" and shown(app, "#status-line").startswith("gone-00: ")
+            await pilot.press("k")
+            assert app.selected == "hush"
+            await pilot.press(*["down"] * 31)
+            assert app.selected == "local" and shown(app, "#status-line").startswith("local: ")
+            assert pool_on_screen(app, "local") is not None and pool_on_screen(app, "hush") is None
+            await until(pilot, lambda: "RAM" in pool_rows_on_screen(app)["local"][3], 30, "local's load on its row")
+            assert_rows_drawn(app)
+
+            # The wheel scrolls the rows without moving the highlight; rows brought into view are drawn as they are.
+            while pool_on_screen(app, "hush") is None:
+                before = pools.scroll_offset.y
+                await pilot._post_mouse_events([events.MouseScrollUp], "#pools", offset=(3, 3))
+                assert pools.scroll_offset.y < before, "the wheel scrolled the list"
+            assert app.selected == "local" and pool_on_screen(app, "local") is None
+            assert_rows_drawn(app)
+            await pilot._post_mouse_events([events.MouseScrollDown], "#pools", offset=(3, 3))
+            assert_rows_drawn(app)
+
+            # A click on a row shows that pool and goes into its panes.
+            await click_pool(pilot, "gone-12")
+            assert app.selected == "gone-12" and app.focused is app.query_one("#catalog", DataTable)
+            await until(pilot, lambda: "pool gone-12 is " in shown(app, "#catalog-pane .pane-empty"), 10)
+            await pilot.press("q")
+    finally:
+        silent.close()
 
 
 async def test_download_spawn_prompt_log_gauges_stop(models_dir: Path, hub: HubServer, medium_gguf: Path, hive) -> None:
@@ -197,9 +304,10 @@ async def test_download_spawn_prompt_log_gauges_stop(models_dir: Path, hub: HubS
 async def test_keys_belong_to_their_pane_and_screen(models_dir: Path) -> None:
     app = RbeeApp(local_config(models_dir), autostart=False)
     async with app.run_test(size=(120, 40)) as pilot:
-        # On the pool list no pane key is offered; in the catalog only the catalog's.
+        # On the pool list no pane key is offered (k moves up the list there); in the catalog only the catalog's.
         keys = set(app.screen.active_bindings)
-        assert {"d", "s", "k", "l", "c"}.isdisjoint(keys) and {"q", "o", "m", "1"} <= keys
+        assert {"d", "s", "l", "c"}.isdisjoint(keys) and {"q", "o", "m", "1"} <= keys
+        assert app.screen.active_bindings["k"].binding.action == "cursor_up"
         await pilot.press("1")
         keys = set(app.screen.active_bindings)
         assert {"d", "v", "n", "x"} <= keys and {"s", "k", "l", "c"}.isdisjoint(keys)
@@ -300,7 +408,8 @@ async def test_add_pool_form_by_keys(models_dir: Path, isolated_home: Path) -> N
         await type_text(pilot, "gpu-box.home.arpa")
         await pilot.press("enter")
         await until(pilot, lambda: len(app.fleet.config.pools) == 2, 10, "the pool to be saved")
-        assert app.query_one(PoolList).item("gpu-box") is not None
+        assert app.query_one(PoolList).row("gpu-box") is not None
+        await until(pilot, lambda: pool_on_screen(app, "gpu-box") is not None, 10, "the new pool's row")
     from rbee_tui import config
 
     saved = config.load()
@@ -329,6 +438,25 @@ async def test_overview_cards_open_their_pool(models_dir: Path) -> None:
         await pilot.press("enter")  # the first card has the focus: the keyboard opens it too
         await until(pilot, lambda: app.screen is app.screen_stack[0], 10, "back on the dashboard")
         assert app.selected == "local"
+
+
+async def test_a_covered_dashboard_catches_up_when_shown_again(models_dir: Path) -> None:
+    """Samples are not drawn under a screen that covers the dashboard; going back shows the latest at once."""
+    app = RbeeApp(local_config(models_dir), sample_interval=3)  # the first sample comes after 3 s, the next 3 s on
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("4", "o")
+        await until(pilot, lambda: isinstance(app.screen, OverviewScreen), 10, "the overview")
+        view = app.fleet.client("local").view
+        await until(pilot, lambda: view.last_sample is not None, 30, "the first sample, under the overview")
+        # The card shows the sample: it was routed to the screens (the dashboard, covered, did not draw it).
+        await until(pilot, lambda: " / " in shown(app, "#card-local .card-label"), 10, "the card's RAM")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen is app.screen_stack[0] and len(view.history) == 1  # no second sample drew it meanwhile
+        assert pool_rows_on_screen(app)["local"][2:] == ("● local", one_line(view.last_sample))
+        assert shown(app, "#status-line").startswith("local: connected")
+        ram = view.last_sample.ram
+        assert shown(app, "#g-ram .gauge-value").startswith(f"{gib(ram.used)} / {gib(ram.total)}")
 
 
 async def test_register_cancel_a_download_and_unregister_by_keys(
@@ -423,6 +551,7 @@ models_dir = "{models}"
 hive_command = "rbee-hive"
 llama_server = "/opt/llama/llama-server"  # my own build
 known_hosts = "~/.ssh/lab_known_hosts"
+memory_budget = "8 GiB"  # what its workers may use
 backends = ["cpu"]
 
 [matrix]
@@ -449,6 +578,9 @@ async def test_saves_from_the_ui_keep_everything_the_user_wrote(models_dir: Path
         await type_text(pilot, "cpu,cuda")
         await pilot.press("enter")
         await until(pilot, lambda: "cuda" in path.read_text(), 10, "the pool saved")
+        # The pool reconnects with the entry as saved, keys the form does not show included.
+        await until(pilot, lambda: app.fleet.client("local").pool.backends == ("cpu", "cuda"), 10, "reconnected")
+        assert app.fleet.client("local").pool.memory_budget == 8 << 30
         await pilot.press("a")
         await until(pilot, lambda: isinstance(app.screen, PoolDialog), 10, "the form")
         await type_text(pilot, "box")
@@ -462,6 +594,7 @@ async def test_saves_from_the_ui_keep_everything_the_user_wrote(models_dir: Path
         'future_key = "kept"',
         'llama_server = "/opt/llama/llama-server"  # my own build',
         'known_hosts = "~/.ssh/lab_known_hosts"',
+        'memory_budget = "8 GiB"  # what its workers may use',
         "max_tokens = 8  # short runs",
         'models = ["tiny-test"]',
     ):

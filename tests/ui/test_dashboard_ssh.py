@@ -9,7 +9,6 @@ import pytest
 
 from rbee_tui.app import RbeeApp
 from rbee_tui.config import Config
-from rbee_tui.ui.widgets.line import Line
 from rbee_tui.ui.widgets.pools import PoolList
 from tests.support import waiting
 from tests.support.hub import HubServer
@@ -33,9 +32,9 @@ async def until(pilot, predicate, timeout: float = 30, what: str = "") -> float:
 
 
 def row_text(app: RbeeApp, pool: str) -> str:
-    item = app.query_one(PoolList).item(pool)
-    assert item is not None
-    return " ".join(line.text for line in item.query(Line))
+    row = app.query_one(PoolList).row(pool)
+    assert row is not None
+    return " ".join(row.lines)
 
 
 async def test_two_pools_live_and_one_lost(site: Site) -> None:

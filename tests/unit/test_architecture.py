@@ -15,6 +15,7 @@ NODE_SIDE = [
     "pools",
     "matrix",
     "cluster",
+    "gateway",
     "fleet.py",
     "units.py",
     "catalog.py",
@@ -24,6 +25,9 @@ NODE_SIDE = [
     "tinymodel.py",
     "names.py",
     "errors.py",
+    "sample.py",
+    "capacity_cli.py",
+    "capacity.py",
 ]
 FORBIDDEN = ("textual", "rbee_tui.ui", "rbee_tui.app")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,19 @@ def test_90gb_needs_two_nodes_with_the_default_margin_and_one_with_a_thin_one() 
     check(one, MIXTRAL)
     assert [s.name for s in one.shares] == ["node1"]
     assert 90 * GB < one.shares[0].total_bytes <= 0.98 * 96 * GB
+
+
+def test_a_pools_own_room_replaces_the_margin() -> None:
+    # memory_budget/reserve in a pool's config (rbee_tui/capacity.py) give its room: the planner keeps no margin
+    # of its own there, and never counts more than is free.
+    roomy = [replace(n, limit_bytes=95 * GB) for n in FOUR]
+    one = plan(MIXTRAL, roomy, CTX)
+    assert [s.name for s in one.shares] == ["node1"] and one.shares[0].usable_bytes == 95 * GB
+    tight = [replace(n, limit_bytes=30 * GB) for n in FOUR]
+    assert len(plan(MIXTRAL, tight, CTX).shares) == 4  # 30 GB each: the whole fleet, whatever is free
+    with pytest.raises(Refusal, match="each pool's memory_budget/reserve"):
+        plan(MIXTRAL, [replace(n, limit_bytes=20 * GB) for n in FOUR], CTX)
+    assert NodeFree("n", 10 * GB, limit_bytes=40 * GB).usable_bytes(0.1) == 10 * GB
 
 
 @pytest.mark.parametrize("shape", [LLAMA_8B, QWEN_32B, MIXTRAL, LLAMA_70B], ids=["16GB", "64GB", "90GB", "140GB"])

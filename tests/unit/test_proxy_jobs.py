@@ -58,3 +58,17 @@ async def test_a_client_that_leaves_gives_up_its_place() -> None:
     queue.done(second)
     queue.done(first)
     assert await staying is True and queue.running is third and len(queue) == 1
+
+
+async def test_a_worker_with_slots_runs_that_many_at_once_and_the_rest_in_order() -> None:
+    queue = Queue(slots=2)  # llama-server --parallel 2: two requests batched, the third waits for a slot
+    a, b, c, d = (queue.add(n) for n in "abcd")
+    assert await queue.turn(a) and await queue.turn(b)
+    waits = [asyncio.ensure_future(queue.turn(j)) for j in (c, d)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waits) and len(queue) == 4
+    queue.done(b)  # one slot frees: the first waiting job takes it, the other still waits
+    assert await waits[0] and not waits[1].done()
+    assert {j.state for j in (a, c)} == {"running"} and d.state == "queued"
+    queue.done(a)
+    assert await waits[1] and [j.started_seq for j in (a, b, c, d)] == [1, 2, 3, 4]

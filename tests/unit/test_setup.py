@@ -30,17 +30,24 @@ BUILD = setup.build_name(VERSION, "")
 
 
 def _tree(src: Path, broken: bool = False) -> None:
-    """A llama.cpp stand-in: the three targets, the RPC one named in tools/rpc as llama.cpp names it."""
+    """A llama.cpp stand-in: the three tools, the RPC one named in tools/rpc as llama.cpp names it, and the shared
+    `llama` library that llama-server links (so the installed server runs only if it finds it beside itself)."""
     (src / "tools" / "rpc").mkdir(parents=True)
     (src / "CMakeLists.txt").write_text(
         "cmake_minimum_required(VERSION 3.14)\nproject(standin C)\n"
         "set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)\n"
-        "add_executable(llama-server server.c)\nadd_executable(llama-bench tool.c)\nadd_subdirectory(tools/rpc)\n"
+        "set(CMAKE_LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)\n"
+        "add_library(llama lib.c)\nadd_executable(llama-server server.c)\ntarget_link_libraries(llama-server llama)\n"
+        "add_executable(llama-bench tool.c)\nadd_subdirectory(tools/rpc)\n"
     )
+    (src / "lib.c").write_text('const char *standin_version(void) { return "4242 (standin)"; }\n')
     (src / "tools" / "rpc" / "CMakeLists.txt").write_text(
         "set(TARGET ggml-rpc-server)\nadd_executable(${TARGET} ../../tool.c)\n"
     )
-    (src / "server.c").write_text('#include <stdio.h>\nint main(void) { puts("version: 4242 (standin)"); return 0; }\n')
+    (src / "server.c").write_text(
+        "#include <stdio.h>\nconst char *standin_version(void);\n"
+        'int main(void) { printf("version: %s\\n", standin_version()); return 0; }\n'
+    )
     (src / "tool.c").write_text("int main(void) { return 0; }\n" + ("this is not C;\n" if broken else ""))
 
 
@@ -70,7 +77,8 @@ def test_a_build_streams_its_steps_then_is_cached(tmp_path: Path, monkeypatch: p
     assert done["event"] == "done" and not done["cached"] and done["build"] == BUILD
     bin_dir = Path(done["bin"])
     assert bin_dir == cache / BUILD / "bin"
-    assert (bin_dir / "BUILD_COMMIT").read_text().strip() == "4242 (standin)"
+    assert (bin_dir / "BUILD_COMMIT").read_text().strip() == "4242 (standin)"  # the server ran, its library found
+    assert (bin_dir / "libllama.so").is_file()  # beside the tools, for llama-cpp-python (rbee_tui/llama_build.py)
     assert os.readlink(bin_dir / "rpc-server") == "ggml-rpc-server"  # the old name, for older callers
     # What `rbee-hive rpc` reports and compares between nodes is the name this build got.
     monkeypatch.setenv("RBEE_LLAMA_CPP_CACHE", str(cache))

@@ -29,6 +29,7 @@ from rbee_tui.fleet import (
     DownloadChanged,
     Fleet,
     FleetEvent,
+    GatewayChanged,
     PoolStateChanged,
     SampleArrived,
     WorkersChanged,
@@ -60,6 +61,8 @@ class DashboardScreen(Screen[None]):
         Binding("5", "pane('clusters')", "Clusters", show=False),
         Binding("o", "overview", "Overview"),
         Binding("m", "matrix", "Matrix"),
+        Binding("G", "gateway", "Gateway", show=False),
+        Binding("g", "capacity", "Capacity"),
         Binding("a", "add_pool", "Add pool", show=False),
         Binding("E", "edit_pool", "Edit pool", show=False),
         Binding("e", "errors", "Errors", show=False),
@@ -130,8 +133,16 @@ it). Everything also works with the mouse, and **Ctrl+P** finds any action of th
         """Redraw what `event` touches."""
         if not self._ready or not self.is_attached:
             return
+        if isinstance(event, SampleArrived | PoolStateChanged) and self._covered():
+            return  # nobody sees it: on_screen_resume draws everything when it shows again
         with contextlib.suppress(NoMatches):  # NoMatches: the screen is being taken down (quitting)
             self._apply(event)
+
+    def _covered(self) -> bool:
+        """Whether a screen above hides this one whole (a dialog's see-through backdrop does not). Textual's
+        `is_current` holds for the screen just below the top whatever that covers, so it cannot tell."""
+        stack = self.app.screen_stack
+        return self in stack and any(s.styles.background.a == 1 for s in stack[stack.index(self) + 1 :])
 
     def _apply(self, event: FleetEvent) -> None:
         match event:
@@ -146,6 +157,8 @@ it). Everything also works with the mouse, and **Ctrl+P** finds any action of th
                 self.render_workers()
             case ClusterChanged():
                 self.render_clusters()
+            case GatewayChanged():
+                self.render_status()
             case SampleArrived(pool=pool) | PoolStateChanged(pool=pool):
                 self.render_pool_row(pool)
                 if self.fleet.clusters.clusters:
@@ -177,12 +190,9 @@ it). Everything also works with the mouse, and **Ctrl+P** finds any action of th
         return f"pool {self.selected} is {view.state}…" + (f" ({view.reason})" if view.reason else "")
 
     def render_pool_row(self, pool: str) -> None:
-        """A pool's row in the list."""
-        pools = self.query_one(PoolList)
-        item = pools.item(pool)
-        if item is not None and pools.in_view(pool):  # drawn even before it is mounted: kept for its first paint
-            view = self.fleet.client(pool).view
-            item.show(view.state, view.reason, view.last_sample)
+        """A pool's row in the list (the list redraws it only if it changed and is in view)."""
+        view = self.fleet.client(pool).view
+        self.query_one(PoolList).show(pool, view.state, view.reason, view.last_sample)
 
     def render_status(self) -> None:
         """The line under the panes: the selected pool's state and host."""
@@ -190,6 +200,8 @@ it). Everything also works with the mouse, and **Ctrl+P** finds any action of th
         st = view.status
         where = f"{st.get('hostname', '?')} ({st.get('os', '?')})" if st else ""
         text = f"{self.selected}: {view.state}" + (f" - {view.reason}" if view.reason else "") + f"  {where}"
+        if gateway := self.fleet.gateway_status():  # redrawn with each sample, so its rate stays current
+            text = f"{gateway}  |  {text}"  # first: a long reason or host must not push it off an 80-column line
         self.query_one("#status-line", Line).update(text)
 
     def _showing(self, pane: str) -> bool:
@@ -227,10 +239,11 @@ it). Everything also works with the mouse, and **Ctrl+P** finds any action of th
                     m["id"],
                     "✅" if m["downloaded"] else "❌",
                     human_size(m["size_bytes"]),
+                    human_size(m["memory"]["total"]) if m.get("memory") else "-",  # a worker's predicted memory
                     m["name"],
                     m["architecture"],
-                    ",".join(m["backends"]),
                     ",".join(self.fleet.pools_having(m["id"])) or "-",
+                    ",".join(m["backends"]),
                 ),
             )
             for m in (doc or {}).get("models", [])
@@ -385,13 +398,8 @@ it). Everything also works with the mouse, and **Ctrl+P** finds any action of th
         self.selected = message.pool
         self.render_all()
 
-    @on(PoolList.RowsRevealed)
-    def _rows_revealed(self, message: PoolList.RowsRevealed) -> None:
-        for pool in message.pools:
-            self.render_pool_row(pool)
-
-    @on(ListView.Selected, "#pools")
-    def _pool_chosen(self, event: ListView.Selected) -> None:
+    @on(PoolList.PoolEntered)
+    def _pool_chosen(self) -> None:
         """Enter or a click on a pool: go into its panes."""
         self.focus_pane(self.query_one(TabbedContent).active.removeprefix("tab-"))
 
@@ -431,6 +439,16 @@ it). Everything also works with the mouse, and **Ctrl+P** finds any action of th
         """The job board: every model on every pool and backend."""
         self.app.open_matrix()
 
+    def action_capacity(self) -> None:
+        """The capacity view: tokens/s against concurrency, memory per model, models packed together."""
+        self.app.open_capacity()
+
+    def action_gateway(self) -> None:
+        """Start or stop the gateway: one OpenAI endpoint for every pool's workers (its address on the status
+        line); stopping it stops the workers it started."""
+        done = "gateway stopped" if self.fleet.gateway is not None else "gateway started: its address is below"
+        self.app.run_task(self.fleet.toggle_gateway(), done)
+
     def action_errors(self) -> None:
         """Every error so far, with details."""
         self.app.open_errors()
@@ -463,8 +481,7 @@ it). Everything also works with the mouse, and **Ctrl+P** finds any action of th
     def pool_added(self, name: str) -> None:
         """A new pool's row in the list."""
         pools = self.query_one(PoolList)
-        if pools.item(name) is None:
-            pools.add(name)
+        pools.add(name)
 
     # -- what the panes ask for ----------------------------------------------------------------------------
 
@@ -540,7 +557,7 @@ it). Everything also works with the mouse, and **Ctrl+P** finds any action of th
             return
         models = self.fleet.catalogs.get(pool, {"models": []})["models"]
         sample = view.last_sample
-        free_ram = sample.ram.available if sample else view.status.get("ram_available")
+        free_ram = self.fleet.worker_room(pool)  # the pool's budget or reserve, else available less a margin
         if sample and sample.gpus:
             gpus = [(g.index, g.memory_free or 0) for g in sample.gpus]
         else:  # no sample yet: what the node said at connect

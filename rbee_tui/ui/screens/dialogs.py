@@ -13,6 +13,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
+from rbee_tui.capacity import MemoryPrediction, WontFit, size
 from rbee_tui.config import PoolConfig, parse
 from rbee_tui.errors import RbeeError
 from rbee_tui.names import BACKENDS, check_id, check_repo, check_repo_file
@@ -56,7 +57,12 @@ class Dialog(ModalScreen[Any]):
 
 
 class SpawnDialog(Dialog):
-    """Pick model, backend and GPU; what cannot run is said (and Spawn disabled) before anything starts."""
+    """Pick model, backend and GPU; what cannot run is said (and Spawn disabled) before anything starts.
+
+    `free_ram` is the room a new worker has on the pool (its memory_budget or reserve, else available memory
+    less a margin); a model's need is the memory model's prediction from the catalog (rbee_tui/capacity.py),
+    the same figure the node checks at spawn.
+    """
 
     def __init__(
         self,
@@ -80,6 +86,7 @@ class SpawnDialog(Dialog):
             gpu_options = [(f"GPU {i}  ({free / 1024**3:.1f} GiB free)", i) for i, free in self.gpus]
             yield Label("GPU", classes="field-label", id="spawn-gpu-label")
             yield Select(gpu_options or [("no GPU", 0)], value=0, allow_blank=False, id="spawn-gpu")
+            yield Static("", id="spawn-memory")
             yield from self.buttons("Spawn")
 
     def _label(self, m: dict[str, Any]) -> str:
@@ -105,19 +112,29 @@ class SpawnDialog(Dialog):
             return f"Model {model['id']} doesn't support the {backend} backend."
         if backend not in self.backends:
             return f"Backend {backend} is not available on {self.pool} (it has {', '.join(self.backends)})."
-        need = int(model.get("size_bytes") or 0)
+        memory = model.get("memory") or {}
         if backend == "cuda":
             gpu = self.query_one("#spawn-gpu", Select).value
             free = next((f for i, f in self.gpus if i == gpu), None)
             if free is None:
                 return f"{self.pool} has no GPU to offload to."
+            need = int(memory.get("vram") or model.get("size_bytes") or 0)
             if need and need > free:
-                return f"{model['id']} needs {need / 1024**3:.1f} GiB, GPU {gpu} has {free / 1024**3:.1f} GiB free."
-        elif self.free_ram and need > self.free_ram:
-            return (
-                f"{model['id']} needs {need / 1024**3:.1f} GiB, {self.pool} has {self.free_ram / 1024**3:.1f} GiB free."
-            )
+                return f"{WontFit(need, free, f'GPU {gpu} of {self.pool}', what=model['id']).message}."
+        else:
+            need = int(memory.get("total") or model.get("size_bytes") or 0)
+            if self.free_ram is not None and need > self.free_ram:
+                return f"{WontFit(need, self.free_ram, self.pool, what=model['id']).message}."
         return ""
+
+    def _memory_line(self) -> str:
+        """The chosen model's predicted memory against the pool's room, shown before Spawn is pressed."""
+        model = next((m for m in self.models if m["id"] == self.query_one("#spawn-model", Select).value), None)
+        memory = (model or {}).get("memory")
+        if not memory:
+            return ""
+        room = f"; {size(self.free_ram)} free for workers on {self.pool}" if self.free_ram is not None else ""
+        return f"Predicted: {MemoryPrediction.from_json(memory).describe()}{room}"
 
     def check(self) -> None:
         """Say what cannot run, and offer the GPU only where it means something."""
@@ -126,6 +143,7 @@ class SpawnDialog(Dialog):
         self.query_one("#spawn-gpu-label", Label).display = cuda
         problem = self._problem()
         self.error(problem)
+        self.query_one("#spawn-memory", Static).update(self._memory_line())
         self.query_one("#ok", Button).disabled = bool(problem)
 
     def submit(self) -> None:

@@ -10,15 +10,17 @@ from rich.text import Text
 from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
+from textual.containers import Vertical, VerticalScroll
 from textual.coordinate import Coordinate
 from textual.screen import ModalScreen, Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from rbee_tui.catalog import human_size
 from rbee_tui.errors import RbeeError
 from rbee_tui.matrix.board import MatrixBoard
+from rbee_tui.matrix.capacity_data import parse_levels
 from rbee_tui.ui.format import duration
+from rbee_tui.ui.screens.dialogs import Dialog
 
 MARK = {
     "passed": "✅",
@@ -44,7 +46,23 @@ def _human(key: str, value: Any) -> str:
     """A measurement as a person reads it: sizes in MiB/GiB, times with their unit."""
     if value is None:
         return "-"
-    if key in ("model_size", "peak_rss", "peak_vram") and isinstance(value, int | float):
+    if key == "concurrency" and isinstance(value, list):  # the sweep: one level per line
+        return "".join(
+            f"\n    x{lv.get('level')}: {lv.get('aggregate_tps') or 0:.1f} tok/s in all, "
+            f"{lv.get('per_stream_tps') or 0:.1f} per stream, ttft p50 {lv.get('ttft_p50_ms') or 0:.0f} ms, "
+            f"p95 {lv.get('ttft_p95_ms') or 0:.0f} ms, {lv.get('streams_ok')}/{lv.get('level')} streams"
+            for lv in value
+            if isinstance(lv, dict)
+        )
+    if key == "nodes" and isinstance(value, list):  # a cluster cell: one node per line
+        return "".join(
+            f"\n    {n.get('pool')}: {100 * (n.get('share') or 0):.0f}%, planned "
+            f"{human_size(int(n.get('planned_bytes') or 0))}, peak RAM used {_human('b', n.get('peak_ram_used'))}"
+            for n in value
+            if isinstance(n, dict)
+        )
+    sized = key in ("b", "model_size", "peak_rss", "peak_vram", "peak_ram_used") or key.endswith("_bytes")
+    if sized and isinstance(value, int | float):
         return human_size(int(value))
     if key.endswith("_s") and isinstance(value, int | float):
         return f"{value:.2f} s"
@@ -107,20 +125,24 @@ class MatrixScreen(Screen[None]):
     BINDINGS = [
         Binding("escape", "dismiss", "Back"),
         Binding("a", "run_all", "Run all"),
+        Binding("g", "capacity", "Capacity"),  # early: the footer shows what fits, in this order
         Binding("r", "run_row", "Run row", show=False),  # in help and the palette: the footer fits 80 columns
         Binding("c", "run_column", "Run column", show=False),
         Binding("enter", "run_cell", "Run cell", show=False),
         Binding("x", "cancel", "Cancel run"),
         Binding("f", "retry_failed", "Retry failed"),
-        Binding("delete,backspace", "clear", "Clear"),
         Binding("i", "details", "Details"),
         Binding("e", "export", "Export"),
+        Binding("delete,backspace", "clear", "Clear", show=False),  # asks first
+        Binding("n", "concurrency", "Concurrency", show=False),
     ]
     HELP_TITLE = "Job board"
     HELP_INTRO = (
         "# The job board\n\nRows are models, columns backend@pool. `a` starts a new run of every cell; `r`, `c`, "
         "`Enter` or a click run a row, a column or a cell again inside the current run (in place: the board, the "
-        "details, the store and the exports show one job per cell). Results stay stored: `rbee-tui matrix runs`.\n"
+        "details, the store and the exports show one job per cell). Results stay stored: `rbee-tui matrix runs`.\n\n"
+        "`n` sets the concurrency levels the next runs sweep (e.g. 1,2,4: after its test, each cell runs that many "
+        "streams at once against its worker); `g` shows the curves, growing while the sweep runs.\n"
     )
 
     def __init__(self, board: MatrixBoard) -> None:
@@ -141,6 +163,11 @@ class MatrixScreen(Screen[None]):
             self.render_board()
         else:
             self.plan()
+
+    def on_screen_resume(self) -> None:
+        """Shown again (after the capacity view or a dialog): the cells that changed meanwhile."""
+        if self.board.cells:
+            self.render_board()
 
     @work(exclusive=True, exit_on_error=False, name="matrix:plan")
     async def plan(self) -> None:
@@ -197,6 +224,7 @@ class MatrixScreen(Screen[None]):
             f"{state}  {c['done']}/{c['total']} done  ✅ {c['passed']} passed  ❌ {c['failed']} failed  "
             f"⏭ {c['skipped']} skipped  ⚠ {c['pool lost']} pool lost  ⚠ {c['cancelled']} cancelled"
             + (f"  ETA {duration(eta)}" if eta is not None else "")
+            + (f"  sweep {','.join(map(str, self.board.concurrency))}" if self.board.concurrency else "")
         )
 
     # -- selection and actions -----------------------------------------------------------------------------
@@ -296,3 +324,57 @@ class MatrixScreen(Screen[None]):
             self.app.notify(str(exc), severity="warning")
             return
         self.app.notify(f"exported to {paths[0].parent}")
+
+    # -- the capacity lab ----------------------------------------------------------------------------------
+
+    def action_capacity(self) -> None:
+        """The capacity view: the sweep's curves (live while it runs), memory per model, packing."""
+        self.app.open_capacity()
+
+    @work(exclusive=True, exit_on_error=False, name="matrix:concurrency")
+    async def action_concurrency(self) -> None:
+        """Set the concurrency levels the next runs sweep (saved in the config's [matrix])."""
+        levels = await self.app.push_screen_wait(ConcurrencyDialog(self.board.concurrency))
+        if levels is None:
+            return
+        try:
+            await asyncio.to_thread(self.board.set_concurrency, levels)  # the config file stays off the loop
+        except (RbeeError, OSError) as exc:
+            self.app.notify(f"could not save the concurrency levels: {exc}", severity="error")
+            return
+        self.render_progress()
+        self.app.notify(
+            f"the next runs sweep {','.join(map(str, levels))} streams at once" if levels else "no sweep from now on"
+        )
+
+
+class ConcurrencyDialog(Dialog):
+    """The concurrency levels of the next runs' sweep, typed as "1,2,4"; checked before it closes."""
+
+    def __init__(self, levels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.levels = levels
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Concurrency sweep", classes="dialog-title")
+            yield Static(
+                "After its test, each cell runs N streams at once against its worker, for each level N, and records "
+                "aggregate and per-stream tokens/s and time to first token. Empty: no sweep.",
+                classes="field-label",
+            )
+            yield from self.field(
+                "Levels", Input(",".join(map(str, self.levels)), placeholder="1,2,4,8", id="concurrency-levels")
+            )
+            yield from self.buttons("Save")
+
+    def on_mount(self) -> None:
+        self.query_one("#concurrency-levels", Input).focus()
+
+    def submit(self) -> None:
+        try:
+            levels = parse_levels(self.query_one("#concurrency-levels", Input).value)
+        except RbeeError as exc:
+            self.error(str(exc))
+            return
+        self.dismiss(levels)

@@ -14,8 +14,9 @@ from textual.widgets import DataTable
 from rbee_tui.ui.widgets.line import Line
 from rbee_tui.ui.widgets.tables import cursor_key, sync_rows
 
-# Whether a model is here comes right after its id: at 80 columns that is what still shows.
-COLUMNS = ("ID", "Downloaded", "Size", "Name", "Arch", "Backends", "On pools")
+# Whether a model is here comes right after its id, then its size and the memory a worker of it will hold
+# (rbee_tui/capacity.py): at 80 columns that is what still shows.
+COLUMNS = ("ID", "Downloaded", "Size", "Memory", "Name", "Arch", "On pools", "Backends")
 
 
 class CatalogPane(Vertical):

@@ -1,4 +1,4 @@
-"""One line of text that changes often (a pool's load, a gauge's value, the status line).
+"""One line of text that changes often (a gauge's value, the status line).
 
 A `Label` asks for a layout pass of the whole screen on every update, since its width follows its text; with
 32 pools sending a sample a second that pass was most of the dashboard's CPU. A `Line` has a size set by CSS,
