@@ -14,9 +14,13 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
-LIB = "libllama.so"
+LIB = "libllama.dylib" if sys.platform == "darwin" else "libllama.so"
+# ggml backends that put a GPU runtime in the process (each its own library in a shared build).
+GPU_BACKENDS = ("cuda", "hip", "metal", "vulkan", "sycl", "musa", "opencl", "cann")
 
 
 def build_cache() -> Path:
@@ -69,3 +73,15 @@ def point_llama_cpp_at_build() -> None:
     found = lib_dir(version)
     if found is not None:
         os.environ["LLAMA_CPP_LIB_PATH"] = str(found)
+
+
+def gpu_offload(llama_cpp: Any) -> bool:
+    """Whether the loaded llama.cpp can put layers on a GPU. Its own `llama_supports_gpu_offload` also says yes
+    for a build with the RPC backend (every node's build: rbee_tui/hive/setup.py), which needs no GPU and starts
+    no GPU runtime; such a build offloads to a GPU only with a GPU backend's library beside libllama."""
+    if not llama_cpp.llama_supports_gpu_offload():
+        return False
+    if not llama_cpp.llama_supports_rpc():
+        return True
+    lib = Path(getattr(llama_cpp.llama_cpp._lib, "_name", "") or ".").parent
+    return any(any(lib.glob(f"libggml-{name}.*")) for name in GPU_BACKENDS)

@@ -31,7 +31,16 @@ CONNECT_TIMEOUT_S = 30.0
 
 def add_parser(sub: Any) -> None:
     """The `gateway` subcommand of rbee-tui."""
-    p = sub.add_parser("gateway", help="one OpenAI-compatible endpoint for the workers of every pool")
+    p = sub.add_parser(
+        "gateway",
+        help="one OpenAI-compatible endpoint for the workers of every pool",
+        description=(
+            "Serve the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions, /health, /state) for every "
+            "pool: a request goes to a ready worker of its model, or starts one where it fits. Loopback by default; "
+            "listening on another address needs an API key ([gateway] api_key or $RBEE_GATEWAY_API_KEY), which "
+            "clients send as 'Authorization: Bearer KEY'. See docs/gateway.md."
+        ),
+    )
     p.add_argument("--listen", help="HOST:PORT (default: [gateway] listen, or 127.0.0.1:8080)")
     p.add_argument("--pools", help="comma-separated pool names (default: all)")
     p.add_argument("--idle-stop", type=float, help="seconds before an idle worker it started is stopped (0: never)")

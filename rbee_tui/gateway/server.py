@@ -169,9 +169,24 @@ async def state(request: web.Request) -> web.Response:
     return web.json_response(request.app[GATEWAY].state())
 
 
+@web.middleware
+async def _openai_shaped(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A path or method the gateway does not serve: an OpenAI error saying what it serves, not aiohttp's text."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return _refusal(f"{request.method} is not allowed on {request.path} (use {allowed})", 405, "method_not_allowed")
+    except web.HTTPNotFound:
+        served = "/v1/models, /v1/chat/completions, /v1/completions, /health and /state"
+        return _refusal(f"no route {request.path}: the gateway serves {served}", 404, "unknown_route")
+
+
 def build_app(gw: Gateway, key: str | None, max_body: int) -> web.Application:
     """The gateway's aiohttp application."""
-    middlewares = [last_resort] if key is None else [_auth(key), last_resort]
+    middlewares = [_openai_shaped, last_resort] if key is None else [_auth(key), _openai_shaped, last_resort]
     app = web.Application(client_max_size=max_body, middlewares=middlewares)
     app[GATEWAY] = gw
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -209,7 +209,8 @@ def setup(
     tmp.mkdir()
     for name in targets[:-1]:
         shutil.copy2(cache / "build" / "bin" / name, tmp / name)
-    for lib in (cache / "build" / "bin").glob("*.so*"):  # libllama, libggml*, libmtmd and their version links
+    libs = [*(cache / "build" / "bin").glob("*.so*"), *(cache / "build" / "bin").glob("*.dylib")]
+    for lib in libs:  # libllama, libggml*, libmtmd and their version links
         shutil.copy2(lib, tmp / lib.name, follow_symlinks=False)
     if rpc != "rpc-server":
         (tmp / "rpc-server").symlink_to(rpc)

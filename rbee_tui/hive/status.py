@@ -52,7 +52,9 @@ def available_backends(gpus: list[dict[str, Any]], engine: str = "llama-cpp-pyth
         try:
             import llama_cpp
 
-            offload = bool(llama_cpp.llama_supports_gpu_offload())
+            from rbee_tui.llama_build import gpu_offload
+
+            offload = gpu_offload(llama_cpp)
         except Exception:  # a missing or broken engine just means CPU only
             offload = False
     if gpus and offload:

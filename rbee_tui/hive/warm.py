@@ -18,6 +18,8 @@ import shlex
 import signal
 import sys
 
+from rbee_tui.llama_build import gpu_offload
+
 _STATE = {"tried": False, "ready": False}
 _LAUNCH_ARGV = ["-m", "rbee_tui.worker.launch"]  # what a worker's command line starts with, after the interpreter
 
@@ -33,7 +35,7 @@ def preload() -> bool:
 
             import rbee_tui.worker.server  # noqa: F401
 
-            _STATE["ready"] = not llama_cpp.llama_supports_gpu_offload()
+            _STATE["ready"] = not gpu_offload(llama_cpp)
         except Exception:  # a broken llama_cpp: the cold path reports it properly
             _STATE["ready"] = False
     return _STATE["ready"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rbee_tui.errors import RbeeError
+from rbee_tui.llama_build import gpu_offload
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class LlamaCppEngine:
             "n_threads_batch": threads,
         }
         if self.backend in ("cuda", "metal"):
-            if not llama_cpp.llama_supports_gpu_offload():
+            if not gpu_offload(llama_cpp):
                 raise RbeeError(f"this llama-cpp-python was built without {self.backend} support")
             kwargs.update(n_gpu_layers=-1, main_gpu=self.gpu, split_mode=llama_cpp.LLAMA_SPLIT_MODE_NONE)
         else:

@@ -193,6 +193,10 @@ async def test_a_bad_request_is_refused_as_a_worker_would_and_starts_nothing(cli
                 assert r.status == 400 and "the body is not valid JSON" in (await r.json())["error"]["message"]
             async with s.post(f"{gw.url}/v1/completions", json={"prompt": "Hi"}) as r:
                 assert r.status == 400 and (await r.json())["error"]["param"] == "model"
+            async with s.get(f"{gw.url}/v1/embeddings") as r:  # not served: an OpenAI error that says what is
+                assert r.status == 404 and "/v1/chat/completions" in (await r.json())["error"]["message"]
+            async with s.get(f"{gw.url}/v1/completions") as r:
+                assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
         assert gw.ondemand.starts == {} and all(live(c) == [] for c in clients.values())
 
 

@@ -10,10 +10,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from rbee_tui.llama_build import LIB, flavour, lib_dir
+from rbee_tui.llama_build import LIB, flavour, gpu_offload, lib_dir
 from rbee_tui.tinymodel import write_model
 
 VERSION = importlib.metadata.version("llama-cpp-python")
@@ -96,3 +97,37 @@ def test_rbee_tui_points_a_library_less_llama_cpp_at_the_build(tmp_path: Path, l
     flavoured = build("-DGGML_NATIVE=OFF", old=True)
     assert pointed(**native) == str(flavoured)  # the flavour of $CMAKE_ARGS first, even when older
     assert pointed(LLAMA_CPP_LIB_PATH="/elsewhere") == "/elsewhere"  # the user's own choice stays
+
+
+@pytest.mark.parametrize(
+    ("offload", "rpc", "beside", "expected"),
+    [
+        (False, False, [], False),  # a CPU build
+        (True, False, [], True),  # a GPU build without RPC: its word is taken
+        (True, True, [], False),  # the node build: RPC says "offload", no GPU backend beside libllama
+        (True, True, ["libggml-cuda.so"], True),  # a CUDA node build
+    ],
+)
+def test_a_build_with_rpc_alone_is_not_a_gpu_build(
+    tmp_path: Path, offload: bool, rpc: bool, beside: list[str], expected: bool
+) -> None:
+    """llama_supports_gpu_offload is also true for the RPC backend, which every node's build has; taking it for a
+    GPU would refuse warm (forked) CPU workers and offer a cuda backend that is not there."""
+    for name in (LIB, *beside):
+        (tmp_path / name).write_bytes(b"\x7fELF")
+    binding = SimpleNamespace(
+        llama_supports_gpu_offload=lambda: offload,
+        llama_supports_rpc=lambda: rpc,
+        llama_cpp=SimpleNamespace(_lib=SimpleNamespace(_name=str(tmp_path / LIB))),
+    )
+    assert gpu_offload(binding) is expected
+
+
+@needs_build
+def test_the_builds_library_is_not_taken_for_a_gpu(tmp_path: Path) -> None:
+    probe = "import llama_cpp; from rbee_tui.llama_build import gpu_offload; print(gpu_offload(llama_cpp))"
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(BUILT)}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    gpu = any(BUILT.glob("libggml-cuda.*"))
+    assert proc.stdout.strip() == str(gpu)

@@ -129,6 +129,13 @@ class CapacityScreen(Screen[None]):
         self.title = "capacity"
         self.draw(self.current())
         self.load_stored()
+        # A run's last change can arrive while its task is still finishing: look once a second whether the
+        # header's "running" still holds (no I/O: the board's task state).
+        self.set_interval(1.0, self._check_running)
+
+    def _check_running(self) -> None:
+        if self._drawn_running != self.board.running:
+            self.draw(self.current())
 
     @work(exclusive=True, exit_on_error=False, name="capacity:stored")
     async def load_stored(self) -> None:
@@ -163,9 +170,12 @@ class CapacityScreen(Screen[None]):
         if now != self.capacity:
             self.draw(now)
 
+    _drawn_running = False  # whether the header said "running" when last drawn
+
     def draw(self, cap: Capacity) -> None:
         """Every plot, from `cap`."""
         self.capacity = cap
+        self._drawn_running = self.board.running
         if cap.run_id is None:
             source = "no run with capacity data yet" if self.stored is not None else "reading the stored results…"
         else:

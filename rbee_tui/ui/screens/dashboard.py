@@ -72,7 +72,8 @@ class DashboardScreen(Screen[None]):
     HELP_INTRO = """\
 # rbee-tui
 
-Pools are on the left (Enter or a click goes into the pool's panes); the selected pool's **Catalog**,
+Pools are on the left (`Up`/`Down` or `k`/`j` move, Enter or a click goes into the pool's panes, `Tab` moves
+between the list and the panes); the selected pool's **Catalog**,
 **Downloads**, **Workers** and **Gauges** on the right, and the **Clusters** this dashboard runs (models
 split over several pools). A pane's keys work while its table has the focus (`1`-`5` show a pane and focus
 it). Everything also works with the mouse, and **Ctrl+P** finds any action of the screen in view.
