@@ -9,6 +9,7 @@ cause. A client that leaves closes the request to the worker and cancels its job
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from rbee_tui.worker.sse import sse
+from rbee_tui.worker.sse import client_left, sse
 
 _JSON = {"Content-Type": "application/json"}
 _JOB_ID = re.compile(rb'"id":\s*"([^"]{1,128})"')
@@ -42,9 +43,13 @@ def _headers(extra: dict[str, str], content_type: str) -> dict[str, str]:
     return {"Content-Type": content_type, **extra}
 
 
-async def whole(session: aiohttp.ClientSession, url: str, path: str, raw: bytes, extra: dict[str, str]) -> web.Response:
-    """POST a non-streamed request; the worker's answer as it is (Lost when it could not answer)."""
-    try:
+async def whole(
+    request: web.Request, session: aiohttp.ClientSession, url: str, path: str, raw: bytes, extra: dict[str, str]
+) -> web.Response:
+    """POST a non-streamed request; the worker's answer as it is (Lost when it could not answer). A client that
+    leaves before the answer closes the request to the worker, which then stops the job (it watches for that)."""
+
+    async def ask() -> web.Response:
         async with session.post(url + path, data=raw, headers=_JSON) as up:
             body = await up.read()
             if up.status == 503:  # loading, or stopping: not an answer to give the client while another may
@@ -52,6 +57,20 @@ async def whole(session: aiohttp.ClientSession, url: str, path: str, raw: bytes,
             return web.Response(
                 body=body, status=up.status, headers=_headers(extra, up.headers.get("Content-Type", "application/json"))
             )
+
+    answer, left = asyncio.ensure_future(ask()), asyncio.ensure_future(client_left(request))
+    try:
+        await asyncio.wait({answer, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if not answer.done():
+            answer.cancel()  # the client left: closing the connection to the worker cancels its job there
+            with contextlib.suppress(asyncio.CancelledError, *LOST):
+                await answer
+    if answer.cancelled():
+        return web.Response(status=499)  # nobody reads it
+    try:
+        return answer.result()
     except LOST as exc:
         raise Lost(_cause(exc)) from None
 

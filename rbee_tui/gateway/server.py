@@ -114,7 +114,7 @@ async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
                     functools.partial(gw.explain, route),
                     gw.background,
                 )
-            return await forward.whole(gw.session, url, ROUTES[kind], raw, extra)
+            return await forward.whole(request, gw.session, url, ROUTES[kind], raw, extra)
         except (forward.Lost, RbeeError) as exc:
             cause = exc.cause if isinstance(exc, forward.Lost) else str(exc)
             gw.table.mark_broken(route, cause)

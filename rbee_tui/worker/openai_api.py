@@ -22,7 +22,7 @@ from rbee_tui.worker.openai_check import ANY_OBJECT, Checked, Schema, check_chat
 from rbee_tui.worker.params import CHAT, COMPLETIONS
 from rbee_tui.worker.requests import BadRequest
 from rbee_tui.worker.schema import json_object_grammar, schema_grammar
-from rbee_tui.worker.sse import open_stream, read_body, sse
+from rbee_tui.worker.sse import on_client_left, open_stream, read_body, sse
 
 
 @dataclass(frozen=True)
@@ -226,13 +226,17 @@ async def _stream(request: web.Request, plan: Plan, job: Job, jid: str, model: s
     return resp
 
 
-async def _answer(plan: Plan, job: Job, jid: str, model: str) -> web.Response:
+async def _answer(request: web.Request, plan: Plan, job: Job, jid: str, model: str) -> web.Response:
     summary: GenerationSummary | None = None
-    async for event in events(job):
-        if isinstance(event, JobDone):
-            summary = event.summary
-        elif isinstance(event, JobFailed):
-            return web.json_response({"error": {"message": event.message, "type": "server_error"}}, status=500)
+    watch = on_client_left(request, job.cancel.set)  # the client went away: stop generating for nobody
+    try:
+        async for event in events(job):
+            if isinstance(event, JobDone):
+                summary = event.summary
+            elif isinstance(event, JobFailed):
+                return web.json_response({"error": {"message": event.message, "type": "server_error"}}, status=500)
+    finally:
+        watch.cancel()
     assert summary is not None
     content, calls, reason = finish(plan, summary)
     choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
@@ -275,7 +279,7 @@ async def _serve(request: web.Request, kind: str) -> web.StreamResponse:
         return openai_error(exc)
     if plan.stream:
         return await _stream(request, plan, job, jid, worker.model_id)
-    return await _answer(plan, job, jid, worker.model_id)
+    return await _answer(request, plan, job, jid, worker.model_id)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

@@ -36,7 +36,7 @@ from rbee_tui.worker.proxy_jobs import Job, Queue
 from rbee_tui.worker.relay import Answers, Tokens, execute_body, openai_body, sse_data, upstream_error
 from rbee_tui.worker.requests import BadRequest, build_request, job_id
 from rbee_tui.worker.settings import EXIT_BIND_FAILED, EXIT_ENGINE_ENDED, EXIT_LOAD_FAILED, announce, fail, listen
-from rbee_tui.worker.sse import MAX_BODY, last_resort, open_stream, read_body, sse
+from rbee_tui.worker.sse import MAX_BODY, last_resort, on_client_left, open_stream, read_body, sse
 from rbee_tui.worker.upstream import LlamaServer, ended
 
 log = logging.getLogger("rbee-worker")
@@ -271,6 +271,8 @@ async def _openai(request: web.Request, kind: str) -> web.StreamResponse:
             elif (last := answers.last()) is not None:
                 await resp.write(sse(None, last))
 
+    # A stream notices a client that left at its next write; a whole answer is watched for it.
+    watch = None if checked.stream else on_client_left(request, lambda: worker.queue.cancel(job))
     try:
         if not await worker.queue.turn(job) or await _until_cancelled(job, relay()):
             if not checked.stream:
@@ -287,6 +289,8 @@ async def _openai(request: web.Request, kind: str) -> web.StreamResponse:
             return openai_error(BadRequest(message, status=502))
         await resp.write(sse(None, {"error": {"message": message, "type": "server_error"}}))
     finally:
+        if watch is not None:
+            watch.cancel()
         worker.queue.done(job)
     if resp is None:
         return web.json_response(out["answer"])

@@ -37,6 +37,26 @@ async def open_stream(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+CLIENT_POLL_S = 0.2
+
+
+async def client_left(request: web.Request) -> None:
+    """Return once the client's connection has closed. aiohttp does not cancel a handler whose client left, so a
+    whole (non-streamed) answer would otherwise be generated to the end for nobody."""
+    while (transport := request.transport) is not None and not transport.is_closing():
+        await asyncio.sleep(CLIENT_POLL_S)
+
+
+def on_client_left(request: web.Request, act: Callable[[], None]) -> asyncio.Task[None]:
+    """Call `act` (cancel the job) if the client leaves; cancel the returned task once the answer is written."""
+
+    async def watch() -> None:
+        await client_left(request)
+        act()
+
+    return asyncio.ensure_future(watch())
+
+
 @web.middleware
 async def last_resort(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]

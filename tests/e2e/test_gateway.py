@@ -18,10 +18,12 @@ import openai
 import pytest
 
 from rbee_tui.config import GatewayConfig, PoolConfig
+from rbee_tui.errors import RbeeError
 from rbee_tui.gateway.events import GatewayEvent, WorkerLost, WorkerStarted, WorkerStopped
 from rbee_tui.gateway.service import Gateway
 from rbee_tui.pools.client import CONNECTED, PoolClient
 from rbee_tui.tinymodel import TINY_TOOLS, TinySpec, write_model
+from rbee_tui.worker.upstream import find_llama_server
 from tests.support.hub import HubServer
 from tests.support.site import Site
 from tests.support.sshd import sshd_available
@@ -261,6 +263,36 @@ async def test_the_least_loaded_worker_takes_the_next_request_and_a_client_that_
         # Each job stops on its worker long before its 4000 tokens could have been written.
         await until_async(lambda: all_idle(list(urls.values())), 10, "both jobs to be cancelled")
         await until(lambda: gw.in_flight() == 0, 5, "the gateway's leases to end")
+
+
+@pytest.mark.parametrize("engine", ["llama-cpp-python", "llama-server"])
+async def test_a_client_that_leaves_a_whole_answer_cancels_its_job(
+    clients: dict[str, PoolClient], hub: HubServer, model_files: dict[str, Path], engine: str
+) -> None:
+    """No stream to notice the client leaving at a write: the gateway watches its client and closes the request
+    to the worker, and the worker (either engine) watches the gateway's connection and stops the job."""
+    local = clients["local"]
+    await provide(local, hub, model_files, "tiny-endless")
+    extra: tuple[str, ...] = ()
+    if engine == "llama-server":
+        try:
+            extra = ("--engine", "llama-server", "--llama-server", find_llama_server())
+        except RbeeError as exc:
+            pytest.skip(str(exc))
+    worker = await local.spawn_worker("cpu", "tiny-endless", *extra)
+    async with gateway(clients) as gw:
+        await until(lambda: gw.table.candidates("tiny-endless"), 30, "the worker routable")
+        body = {"model": "tiny-endless", "prompt": "Hello", "max_tokens": 4000, "temperature": 0}
+        async with aiohttp.ClientSession() as s:
+            ask = asyncio.ensure_future(s.post(f"{gw.url}/v1/completions", json=body))
+            await until_async(lambda: queue(worker["client_url"]), 30, "the job on the worker")
+            assert gw.in_flight() == 1
+            ask.cancel()  # the client goes away while its whole answer is being generated
+            with contextlib.suppress(asyncio.CancelledError):
+                await ask
+        # In far less time than the 4000 tokens take here (the embedded engine: about 8 s when nothing stops it).
+        await until_async(lambda: all_idle([worker["client_url"]]), 2, "the job to be cancelled on the worker")
+        await until(lambda: gw.in_flight() == 0, 5, "the gateway's lease to end")
 
 
 async def all_idle(urls: list[str]) -> bool:
