@@ -63,7 +63,13 @@ class ProxyWorker:
     async def load(self) -> None:
         """Wait for llama-server to load the model, then learn what it says about it."""
         t0 = time.perf_counter()
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        # A connection per request: llama-server closes a kept-alive one after a few requests or seconds idle, and
+        # a request written onto one it was closing failed ("Can not write request body") when requests ran side
+        # by side. A loopback connect costs well under a millisecond.
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            connector=aiohttp.TCPConnector(force_close=True),
+        )
         props = await self.server.ready(self.session)
         settings = props.get("default_generation_settings") or {}
         self.n_ctx = int(settings.get("n_ctx") or self.server.n_ctx)
