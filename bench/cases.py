@@ -99,30 +99,39 @@ def _llama_bench(binary: str, path: Path, n: int) -> float:
     return float(json.loads(out.stdout)[0]["avg_ts"])
 
 
-def _through_worker(port: int, n: int) -> tuple[float, float]:
-    """The same generation streamed from `/execute` over HTTP: decode t/s and time to first token (ms), as seen
-    by a client. The client is a bare socket reader: on 2 cores a Python SSE parser would take its CPU from the
+def timed_stream(port: int, path: str, body: dict[str, Any], marker: bytes) -> tuple[float, list[float], bytes]:
+    """POST `body` to 127.0.0.1:`port``path` and read the streamed answer with a bare socket: (send time, the
+    arrival time of each event that starts with `marker`, the whole stream). An event split between two reads
+    counts once, when it is whole. A bare reader: on 2 cores a Python SSE parser would take its CPU from the
     worker's decode threads and be counted as the worker's overhead."""
     import socket
 
-    body = json.dumps({"prompt": "Hello, how are you?", "max_tokens": n, "temperature": 0.0, "seed": 42}).encode()
+    raw = json.dumps(body).encode()
     head = (
-        "POST /execute HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n"
     ).encode()
     times: list[float] = []
     stream = bytearray()
     with socket.create_connection(("127.0.0.1", port)) as sock:
         t0 = time.perf_counter()
-        sock.sendall(head + body)
+        sock.sendall(head + raw)
         while data := sock.recv(1 << 16):
             now = time.perf_counter()
-            times += [now] * data.count(b"event: token\n")
             stream += data
+            times += [now] * (stream.count(marker) - len(times))
+    return t0, times, bytes(stream)
+
+
+def _through_worker(port: int, n: int) -> tuple[float, float]:
+    """The same generation streamed from `/execute` over HTTP: decode t/s and time to first token (ms), as seen
+    by a client."""
+    body = {"prompt": "Hello, how are you?", "max_tokens": n, "temperature": 0.0, "seed": 42}
+    t0, times, stream = timed_stream(port, "/execute", body, b"event: token\n")
     if len(times) < 2:
         raise RuntimeError(f"the worker streamed {len(times)} token(s)")
     if times[-1] == times[0]:  # a tiny model's tokens all came in one read: take the worker's own figure
-        done = json.loads(bytes(stream).split(b"event: done\ndata: ", 1)[1].split(b"\n", 1)[0])
+        done = json.loads(stream.split(b"event: done\ndata: ", 1)[1].split(b"\n", 1)[0])
         return float(done["tokens_per_sec"]), (times[0] - t0) * 1000.0
     return (len(times) - 1) / (times[-1] - times[0]), (times[0] - t0) * 1000.0
 

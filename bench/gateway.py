@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from bench.cases import SETTLE_S, isolated, model, row
+from bench.cases import SETTLE_S, isolated, model, row, timed_stream
 
 PROMPT = "Hello, how are you?"
 MODEL = "bench-85m"
@@ -53,26 +52,10 @@ def _hive(*args: str) -> Any:
 
 def _stream(port: int, model_id: str, n: int) -> tuple[float, float]:
     """A greedy completion of `n` tokens streamed from 127.0.0.1:`port`: (time to first token ms, decode t/s)."""
-    body = json.dumps(
-        {"model": model_id, "prompt": PROMPT, "max_tokens": n, "temperature": 0, "seed": 42, "stream": True}
-    ).encode()
-    head = (
-        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    times: list[float] = []
-    stream = bytearray()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        t0 = time.perf_counter()
-        sock.sendall(head + body)
-        while data := sock.recv(1 << 16):
-            now = time.perf_counter()
-            stream += data
-            # Counted over the whole stream: an event split between two reads counts once, when it is whole.
-            seen = stream.count(b"data: {")
-            times += [now] * (seen - len(times))
+    body = {"model": model_id, "prompt": PROMPT, "max_tokens": n, "temperature": 0, "seed": 42, "stream": True}
+    t0, times, stream = timed_stream(port, "/v1/completions", body, b"data: {")
     if b"data: [DONE]" not in stream or len(times) < 2:
-        raise RuntimeError(f"the stream from port {port} did not end well: {bytes(stream[-300:])!r}")
+        raise RuntimeError(f"the stream from port {port} did not end well: {stream[-300:]!r}")
     # Every token in one read (a short smoke run): count to the stream's end instead, which is later by the close.
     last = times[-1] if times[-1] > times[0] else time.perf_counter()
     decode = (len(times) - 1) / (last - times[0])
